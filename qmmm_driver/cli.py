@@ -1,0 +1,52 @@
+"""The ``qmmm-driver`` command line: one subcommand per task, each in its own module.
+
+Every subcommand module defines ``configure(parser)`` and ``main(args) -> int``
+and keeps its heavy imports (torch, PySCF, OpenMM) inside functions, so that
+building the parser stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import InputError
+
+#: subcommand -> (module, one-line help)
+COMMANDS = {
+    "run": ("qmmm_driver.worker", "serve the model to i-PI over a socket (one worker per MPI rank)"),
+    "sample": ("qmmm_driver.sampling", "unlabelled QM/MM frames from OpenMM MD of an example system"),
+    "label": ("qmmm_driver.labelling", "reference energies, forces and charges with PySCF (electrostatic embedding)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qmmm-driver",
+        description="Machine-learned QM/MM forces for i-PI (equivariant multiscale model).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    module = importlib.import_module(args._module)
+    try:
+        return int(module.main(args) or 0)
+    except InputError as err:
+        print(f"qmmm-driver {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qmmm-driver {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""The equivariant multiscale QM/MM model (after Lei, Yagi and Sugita, JCP 160, 214109, 2024).
+
+Energy of a QM region in the field of MM point charges, for a batch of frames
+given as flat atom lists with frame indices (atomic units throughout).
+"""
+
+from __future__ import annotations
+
+import ase.data
+import torch
+from e3nn import nn as enn
+from e3nn import o3
+
+from ..embedding import switch
+from ..environment import degree_index, env_irreps, frame_pairs, taylor_tensors
+from .layers import BesselBasis, InteractionBlock, natural_irreps
+from .settings import ModelSettings
+
+
+def per_frame_sum(values: torch.Tensor, frame: torch.Tensor, n_frames: int) -> torch.Tensor:
+    """Sum per-atom ``values`` [n, ...] into frames [n_frames, ...]."""
+    out = torch.zeros((n_frames,) + values.shape[1:], device=values.device, dtype=values.dtype)
+    return out.index_add(0, frame, values)
+
+
+class QMMMModel(torch.nn.Module):
+    """Equivariant message passing among QM atoms, driven by the MM potential's Taylor tensors.
+
+    ``forward`` returns a dict with ``energy`` [B] (float64, Hartree), ``charges``
+    [n_qm] (e, summing to each frame's QM total charge), ``atomic_dipoles``
+    [n_qm, 3] and ``dipole`` [B, 3] (e Bohr, about each frame's QM centre of mass).
+    """
+
+    def __init__(self, settings: ModelSettings):
+        super().__init__()
+        if not settings.elements:
+            raise ValueError("the model needs its list of QM elements (settings.elements)")
+        self.settings = settings
+        s = settings
+        self.K = s.env_order
+        self.irreps_node = natural_irreps(s.features)
+        self.irreps_env = env_irreps(self.K)
+        lmax_edge = max(ir.l for _, ir in self.irreps_node)
+        self.irreps_sh = o3.Irreps.spherical_harmonics(lmax_edge)
+        n_elem = len(s.elements)
+        numbers = [ase.data.atomic_numbers[e] for e in s.elements]
+
+        self.embed = o3.Linear(o3.Irreps(f"{n_elem}x0e"), self.irreps_node)
+        self.basis = BesselBasis(s.cutoff, s.n_radial)
+        self.blocks = torch.nn.ModuleList(
+            InteractionBlock(self.irreps_node, self.irreps_sh, self.irreps_env, s.n_radial, s.radial_hidden)
+            for _ in range(s.n_layers))
+        self.layer_charges = torch.nn.ModuleList(
+            o3.Linear(self.irreps_node, o3.Irreps("0e")) for _ in range(s.n_layers if s.long_range else 0))
+        self.energy_head = enn.FullyConnectedNet([s.features[0], s.readout_hidden, 1], torch.nn.functional.silu)
+        self.charge_head = o3.Linear(self.irreps_node, o3.Irreps("0e"))
+        self.dipole_head = o3.Linear(self.irreps_node, o3.Irreps("1o")) if s.features[1] > 0 else None
+
+        # statistics of the training data (set by the trainer, stored in the model file)
+        self.register_buffer("env_scale", torch.ones(self.K + 1))
+        self.register_buffer("energy_scale", torch.ones(()))
+        self.register_buffer("avg_neighbors", torch.ones(()))
+        self.register_buffer("energy_shift", torch.zeros(n_elem, dtype=torch.float64))
+        self.register_buffer("masses", torch.tensor([ase.data.atomic_masses[z] for z in numbers]))
+        self.register_buffer("degrees", degree_index(self.K), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        # casts (model.float()) must not truncate the float64 reference energies
+        shift = self._buffers["energy_shift"]
+        super()._apply(fn, *args, **kwargs)
+        self._buffers["energy_shift"] = shift.to(device=self.energy_scale.device, dtype=torch.float64)
+        return self
+
+    @property
+    def elements(self) -> list[str]:
+        return list(self.settings.elements)
+
+    def _neutralise(self, q: torch.Tensor, frame: torch.Tensor, total_charge: torch.Tensor,
+                    count: torch.Tensor, n_frames: int) -> torch.Tensor:
+        excess = (total_charge - per_frame_sum(q, frame, n_frames)) / count
+        return q + excess[frame]
+
+    def forward(self, species: torch.Tensor, qm_pos: torch.Tensor, qm_frame: torch.Tensor,
+                mm_pos: torch.Tensor, mm_charge: torch.Tensor, mm_frame: torch.Tensor,
+                total_charge: torch.Tensor, n_frames: int) -> dict[str, torch.Tensor]:
+        s = self.settings
+        dtype = qm_pos.dtype
+        total_charge = total_charge.to(dtype)
+        count = torch.bincount(qm_frame, minlength=n_frames).to(dtype)
+
+        # QM-QM pairs: message-passing edges within the cutoff, all pairs for long range
+        pi, pj = frame_pairs(qm_frame, qm_frame, n_frames, exclude_self=True)
+        vec = qm_pos[pj] - qm_pos[pi]
+        r = vec.norm(dim=-1)
+        edge = torch.nonzero(r.detach() < s.cutoff, as_tuple=True)[0]
+        edge_dst, edge_src = pi[edge], pj[edge]
+        edge_sh = o3.spherical_harmonics(self.irreps_sh, vec[edge], normalize=True, normalization="component")
+        edge_basis = self.basis(r[edge])
+        lr_weight = 1.0 - switch(r, s.lr_switch_on, s.lr_switch_off)
+
+        # Taylor tensors of the MM potential at every QM atom
+        mi, mj = frame_pairs(qm_frame, mm_frame, n_frames)
+        t_mm = taylor_tensors(qm_pos, mm_pos, mm_charge, mi, mj, self.K)
+        inv_scale = (1.0 / self.env_scale)[self.degrees]
+
+        onehot = torch.nn.functional.one_hot(species, len(s.elements)).to(dtype)
+        h = self.embed(onehot)
+        for layer, block in enumerate(self.blocks):
+            env = t_mm
+            if s.long_range:
+                q_layer = self._neutralise(self.layer_charges[layer](h).squeeze(-1), qm_frame,
+                                           total_charge, count, n_frames)
+                env = env + taylor_tensors(qm_pos, qm_pos, q_layer, pi, pj, self.K, lr_weight)
+            h = block(h, edge_src, edge_dst, edge_sh, edge_basis, env * inv_scale, self.avg_neighbors)
+
+        atom_energy = self.energy_head(h[:, : s.features[0]]).squeeze(-1) * self.energy_scale
+        charges = self._neutralise(self.charge_head(h).squeeze(-1), qm_frame, total_charge, count, n_frames)
+        if self.dipole_head is not None:
+            atomic_dipoles = self.dipole_head(h)
+        else:
+            atomic_dipoles = torch.zeros_like(qm_pos)
+        if s.electrostatic_baseline:
+            atom_energy = atom_energy + charges * t_mm[:, 0]
+            if self.K >= 1:
+                atom_energy = atom_energy + (atomic_dipoles * t_mm[:, 1:4]).sum(-1)
+        energy = per_frame_sum(atom_energy, qm_frame, n_frames).to(torch.float64)
+        energy = energy + per_frame_sum(self.energy_shift[species], qm_frame, n_frames)
+
+        mass = self.masses[species]
+        com = per_frame_sum(qm_pos * mass[:, None], qm_frame, n_frames) / per_frame_sum(mass, qm_frame, n_frames)[:, None]
+        dipole = per_frame_sum(charges[:, None] * (qm_pos - com[qm_frame]) + atomic_dipoles, qm_frame, n_frames)
+        return {"energy": energy, "charges": charges, "atomic_dipoles": atomic_dipoles, "dipole": dipole}
