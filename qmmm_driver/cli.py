@@ -18,6 +18,8 @@ COMMANDS = {
     "run": ("qmmm_driver.worker", "serve the model to i-PI over a socket (one worker per MPI rank)"),
     "sample": ("qmmm_driver.sampling", "unlabelled QM/MM frames from OpenMM MD of an example system"),
     "label": ("qmmm_driver.labelling", "reference energies, forces and charges with PySCF (electrostatic embedding)"),
+    "train": ("qmmm_driver.training.command", "train the model on labelled frames (TOML config)"),
+    "evaluate": ("qmmm_driver.evaluation", "errors of a model on labelled frames"),
 }
 
 

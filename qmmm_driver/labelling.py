@@ -90,9 +90,13 @@ def label_frame(frame: Frame, xc: str = "b3lyp", basis: str = "6-31+g*", density
     from pyscf import gto
 
     qm, mm = frame.qm_indices, frame.mm_indices
-    mol = gto.M(atom=[(int(z), tuple(p)) for z, p in zip(frame.numbers[qm], frame.positions[qm])],
-                unit="Bohr", basis=basis, charge=int(frame.qm_total_charge),
-                spin=int(frame.qm_multiplicity) - 1, verbose=0)
+    try:
+        mol = gto.M(atom=[(int(z), tuple(p)) for z, p in zip(frame.numbers[qm], frame.positions[qm])],
+                    unit="Bohr", basis=basis, charge=int(frame.qm_total_charge),
+                    spin=int(frame.qm_multiplicity) - 1, verbose=0)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise LabelError(f"cannot set up the QM region (charge {frame.qm_total_charge}, multiplicity "
+                         f"{frame.qm_multiplicity}, basis {basis}): {err}") from err
     coords, charges = frame.positions[mm], frame.mm_charge[mm]
     mf = _scf(mol, xc, density_fit, coords, charges, conv_tol)
     energy = mf.kernel()

@@ -10,6 +10,9 @@ from ase.build import molecule
 
 TIP3P = np.array([-0.834, 0.417, 0.417])
 
+# the test models are tiny: one thread is fastest and leaves the other core to i-PI and workers
+torch.set_num_threads(1)
+
 
 def water_box(n_side: int = 8, spacing: float = 3.25, seed: int = 0, triclinic: bool = False) -> Atoms:
     """A periodic box of n_side**3 randomly oriented waters; the first one is QM."""
@@ -23,11 +26,14 @@ def water_box(n_side: int = 8, spacing: float = 3.25, seed: int = 0, triclinic: 
         m.rotate(rng.uniform(0, 360), rng.normal(size=3))
         m.translate((g + rng.uniform(-0.08, 0.08, 3)) * spacing)
         atoms += m
-    if triclinic:
+    if triclinic:  # shear the lattice, moving whole (undistorted) molecules with it
         cell = atoms.cell.array.copy()
         cell[1] += 0.3 * cell[0]
         cell[2] += 0.2 * cell[0] - 0.25 * cell[1]
-        atoms.set_cell(cell, scale_atoms=True)
+        frac = atoms.cell.scaled_positions(atoms.positions[::3])
+        shift = np.repeat(frac @ cell - atoms.positions[::3], 3, axis=0)
+        atoms.set_cell(cell, scale_atoms=False)
+        atoms.positions += shift
     n = len(atoms)
     qm = np.zeros(n, dtype=np.int64)
     qm[:3] = 1
@@ -95,3 +101,238 @@ def tiny_model_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     save_model(tiny_model(), path, metadata={"note": "untrained test model"})
     return path
+
+
+# --------------------------------------------------------------------------- i-PI + worker processes
+# Used by tests/test_ipi_driver.py and tests/test_worker_errors.py: a real `i-pi`
+# server and real `qmmm-driver run` workers as subprocesses, each in its own
+# session so that everything (including mpiexec's children) is killed at teardown.
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+IPI_PREFIX = "/tmp/ipi_"
+WORKER_CMD = [sys.executable, "-m", "qmmm_driver.cli", "run"]
+
+
+def write_frame(atoms, path, box: float | None = None):
+    """Write ``atoms`` as extended XYZ; a cluster gets a ``box`` cell (pbc stays off) that i-PI needs."""
+    import ase.io
+
+    atoms = atoms.copy()
+    if box is not None and not atoms.pbc.any():
+        atoms.set_cell(np.eye(3) * box)
+        atoms.pbc = False
+    ase.io.write(path, atoms, format="extxyz")
+    return Path(path)
+
+
+def read_ipi_bin(path):
+    """Frames ``(h[3,3], q[nat,3], title)`` of an i-PI trajectory written with format='bin'."""
+    data = Path(path).read_bytes()
+    frames, off = [], 0
+    cell_tag, close = "cell{".encode("utf-32-le"), "}".encode("utf-32-le")
+    while off < len(data):
+        h = np.frombuffer(data, np.float64, 9, off).reshape(3, 3).copy()
+        off += 72
+        nat = int(np.frombuffer(data, np.int64, 1, off)[0])
+        off += 8
+        q = np.frombuffer(data, np.float64, 3 * nat, off).reshape(nat, 3).copy()
+        off += 24 * nat
+        nchar = int(np.frombuffer(data, np.int64, 1, off)[0])
+        off += 8 + 4 * nchar  # atom names, UCS-4
+        # the title (UCS-4) reads "Step: ... Bead: ... positions{unit}  cell{unit}"
+        end = data.index(close, data.index(cell_tag, off)) + 4
+        frames.append((h, q, data[off:end].decode("utf-32-le")))
+        off = end
+    return frames
+
+
+def read_ipi_properties(path):
+    """Columns of an i-PI properties file as a dict name -> array (names without units)."""
+    names = []
+    for line in Path(path).read_text().splitlines():
+        m = re.match(r"#\s*column\s+(\d+)\s+-->\s+([^\s:{(]+)", line)
+        if m:
+            names.append(m.group(2))
+    values = np.loadtxt(path, ndmin=2)
+    return {n: values[:, i] for i, n in enumerate(names)}
+
+
+def ipi_input(address: str, init_file: str, steps: int, *, dt_fs: float = 0.5, nbeads: int = 1,
+              temperature: float = 300.0, seed: int = 12345, parameters: str = "", batch_size: int = 1,
+              trajectories: bool = True, extra_forcefields: str = "", extra_forces: str = "", fixcom: bool = True,
+              properties: str = "step, time{picosecond}, conserved{atomic_unit}, potential{atomic_unit}") -> str:
+    """An NVE (or NVE-PIMD) i-PI input with a unix ffsocket named ``address``."""
+    traj = ""
+    if trajectories:
+        traj = ("<trajectory filename='pos' stride='1' format='bin' cell_units='atomic_unit'> positions{atomic_unit} </trajectory>\n"
+                "<trajectory filename='frc' stride='1' format='bin' cell_units='atomic_unit'> forces{atomic_unit} </trajectory>\n"
+                "<trajectory filename='xtr' stride='1'> extras </trajectory>")
+    pars = f"<parameters>{parameters}</parameters>" if parameters else ""
+    batch = f"<batch_size>{batch_size}</batch_size>" if batch_size > 1 else ""
+    return f"""<simulation verbosity='low' safe_stride='100000' floatformat='%.16e' sockets_prefix='{IPI_PREFIX}'>
+  <output prefix='sim'>
+    <properties stride='1' filename='out'> [ {properties} ] </properties>
+    {traj}
+  </output>
+  <total_steps>{steps}</total_steps>
+  <prng><seed>{seed}</seed></prng>
+  <ffsocket name='qmmm' mode='unix' pbc='false'>
+    <address>{address}</address> {pars} {batch}
+  </ffsocket>
+  {extra_forcefields}
+  <system>
+    <initialize nbeads='{nbeads}'>
+      <file mode='ase'> {init_file} </file>
+      <velocities mode='thermal' units='kelvin'> {temperature} </velocities>
+    </initialize>
+    <forces><force forcefield='qmmm'/>{extra_forces}</forces>
+    <motion mode='dynamics'>
+      <fixcom> {fixcom} </fixcom>
+      <dynamics mode='nve'><timestep units='femtosecond'> {dt_fs} </timestep></dynamics>
+    </motion>
+    <ensemble><temperature units='kelvin'> {temperature} </temperature></ensemble>
+  </system>
+</simulation>
+"""
+
+
+class Procs:
+    """Starts i-PI and workers under ``tmp_path`` and guarantees their cleanup."""
+
+    def __init__(self, tmp_path: Path):
+        self.dir = Path(tmp_path)
+        self.procs: list[subprocess.Popen] = []
+        self.logs: dict[int, Path] = {}
+        self.sockets: list[Path] = []
+
+    def socket_name(self) -> str:
+        name = f"qmt_{uuid.uuid4().hex[:12]}"
+        self.sockets.append(Path(IPI_PREFIX + name))
+        return name
+
+    def _start(self, cmd, log: str, env=None):
+        path = self.dir / log
+        full_env = dict(os.environ)
+        full_env["OMP_NUM_THREADS"] = "1"  # 2 shared cores: one thread per worker avoids oversubscription
+        full_env.update(env or {})
+        with open(path, "wb") as out:
+            p = subprocess.Popen(cmd, cwd=self.dir, stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                                 start_new_session=True)
+        self.procs.append(p)
+        self.logs[p.pid] = path
+        return p
+
+    def start_ipi(self, xml: str, name: str = "input.xml"):
+        (self.dir / name).write_text(xml)
+        return self._start(["i-pi", name], f"ipi_{name}.log")
+
+    def start_worker(self, args, log: str = "worker.log", mpi: int | None = None, env=None):
+        cmd = WORKER_CMD + [str(a) for a in args]
+        if mpi:
+            cmd = ["mpiexec", "-n", str(mpi)] + cmd
+        return self._start(cmd, log, env)
+
+    def log(self, p) -> str:
+        return self.logs[p.pid].read_text(errors="replace")
+
+    def wait_for(self, predicate, what: str, timeout: float = 60.0, procs=()):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            for p in procs:
+                if p.poll() is not None:
+                    raise AssertionError(f"process {p.args} exited ({p.returncode}) while waiting for {what}:\n"
+                                         + self.log(p)[-3000:])
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+    def wait_log(self, p, pattern: str, count: int = 1, timeout: float = 60.0):
+        self.wait_for(lambda: len(re.findall(pattern, self.log(p))) >= count, f"{count} x '{pattern}' in the log of {p.args}",
+                      timeout, procs=[p])
+
+    def wait_socket(self, name: str, ipi, timeout: float = 60.0):
+        self.wait_for(lambda: os.path.exists(IPI_PREFIX + name), f"i-PI socket {IPI_PREFIX + name}", timeout, procs=[ipi])
+
+    def finish(self, p, timeout: float = 90.0) -> int:
+        try:
+            return p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(p)
+            raise AssertionError(f"{p.args} did not finish within {timeout} s:\n" + self.log(p)[-3000:])
+
+    def kill(self, p, sig=signal.SIGKILL):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)  # the session started for this process only
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def cleanup(self):
+        for p in self.procs:
+            self.kill(p)
+            try:  # leftovers of the session we started (e.g. ranks of an mpiexec that is gone)
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for s in self.sockets:
+            try:
+                s.unlink()
+            except FileNotFoundError:
+                pass
+
+
+@pytest.fixture
+def procs(tmp_path):
+    harness = Procs(tmp_path)
+    try:
+        yield harness
+    finally:
+        harness.cleanup()
+
+
+CLUSTER_BOX = 60.0  # Angstrom: i-PI needs a cell even for a cluster (pbc stays off)
+
+
+def start_workers_then_ipi(procs: Procs, worker_args, xml: str, n_workers: int = 1, mpi: int | None = None):
+    """Start the worker(s) first, wait until each is about to connect, then start i-PI.
+
+    Workers retry until the socket appears, so all of them are queued on it when
+    i-PI begins to hand out requests.
+    """
+    workers = []
+    if mpi:
+        workers.append(procs.start_worker(worker_args, log="mpi_workers.log", mpi=mpi))
+        procs.wait_log(workers[0], r"socket unix:", count=mpi, timeout=90)
+    else:
+        for k in range(n_workers):
+            workers.append(procs.start_worker(worker_args, log=f"worker{k}.log"))
+        for w in workers:
+            procs.wait_log(w, r"socket unix:", timeout=90)
+    ipi = procs.start_ipi(xml)
+    return ipi, workers
+
+
+def finish_run(procs: Procs, ipi, workers, timeout: float = 120.0):
+    for w in workers:
+        rc = procs.finish(w, timeout)
+        assert rc == 0, f"worker exited with {rc}:\n{procs.log(w)}\n--- i-PI:\n{procs.log(ipi)[-3000:]}"
+    rc = procs.finish(ipi, 60)
+    assert rc == 0, procs.log(ipi)[-3000:]
+
+
+def served_counts(log: str) -> list[tuple[int, int]]:
+    """(structures, requests) from every worker exit line in ``log``."""
+    return [(int(a), int(b)) for a, b in re.findall(r"served (\d+) structures in (\d+) requests", log)]

@@ -50,12 +50,14 @@ def read_model_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path} is not a readable qmmm-driver model file (not a torch archive)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as err:
-        raise ModelFileError(f"{path} is not a readable qmmm-driver model file ({type(err).__name__}: {err})") from err
-    except Exception as err:  # weights_only refusals come as pickle errors
-        raise ModelFileError(f"{path} is not a safe qmmm-driver model file: {err}") from err
+    except Exception as err:  # weights_only refuses anything but tensors and plain values
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelFileError(f"{path} is not a readable qmmm-driver model file: it holds objects that are not "
+                             f"tensors or plain values, which qmmm-driver refuses to unpickle ({first})") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path} is not a qmmm-driver model file (no '{FORMAT}' header)")
     if payload.get("version") != VERSION:

@@ -1,0 +1,1 @@
+"""Training on labelled QM/MM frames: batching, statistics, loss, the training loop."""

@@ -1,0 +1,363 @@
+"""i-PI drives QM/MM dynamics through ``qmmm-driver run``: real i-PI, real workers.
+
+Every test starts the ``i-pi`` command and ``python -m qmmm_driver.cli run``
+workers as subprocesses (see the ``procs`` fixture in conftest.py), with unix
+sockets under unique names; outputs go to ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import socket
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import (CLUSTER_BOX, Procs, finish_run, ipi_input, read_ipi_bin, read_ipi_properties, served_counts,
+                      start_workers_then_ipi, tiny_model, water_box, water_cluster, write_frame)
+from qmmm_driver.evaluator import Evaluator, NonFiniteResult
+from qmmm_driver.ipi_client import (EXIT, FORCEREADY, GETFORCE, HAVEDATA, INIT, NEEDINIT, POSDATA, READY, STATUS,
+                                    ConnectionLost, InitError, IPIClient, parse_init)
+from qmmm_driver.system import QMMMSystem
+from qmmm_driver.units import ANGSTROM_TO_BOHR, HARTREE
+
+
+# --------------------------------------------------------------------------- INIT string (fast)
+
+
+def test_parse_init_forms():
+    assert parse_init(" ").params == {} and parse_init(" ").batch_size == 1
+    assert parse_init("").batch_size == 1
+    p = parse_init(" coupling : 0.5 , ")  # i-PI's own format, trailing separator
+    assert p.params == {"coupling": 0.5} and p.batch_size == 1
+    p = parse_init(" coupling : 0.25 , , batch_size:4")  # batched: i-PI appends ", batch_size:N"
+    assert p.params == {"coupling": 0.25} and p.batch_size == 4
+    p = parse_init("batch_size:2")  # no <parameters>: no separator
+    assert p.params == {} and p.batch_size == 2
+    assert parse_init(b" coupling : 1e-1 ,").params["coupling"] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("text, words", [
+    (" foo : 1 , ", ["unknown parameter 'foo'", "coupling"]),
+    (" coupling : abc , ", ["'coupling'", "abc", "float"]),
+    (" coupling : nan , ", ["coupling", "finite"]),
+    (" coupling , ", ["expected 'key : value'"]),
+    (" , batch_size:x", ["batch_size", "not an integer"]),
+    (" , batch_size:0", ["batch_size", "at least 1"]),
+])
+def test_parse_init_errors(text, words):
+    with pytest.raises(InitError) as info:
+        parse_init(text)
+    for w in words:
+        assert w in str(info.value)
+
+
+# --------------------------------------------------------------------------- protocol against a scripted server (fast)
+
+
+class _FakeIPI:
+    """The server side of one connection, scripted from the test (i-PI's wire format)."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    def send(self, *parts):
+        self.sock.sendall(b"".join(p if isinstance(p, bytes) else np.ascontiguousarray(p).tobytes() for p in parts))
+
+    def recv(self, n):
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            assert chunk, "client closed the connection"
+            buf += chunk
+        return buf
+
+    def status(self):
+        self.send(STATUS)
+        return self.recv(12)
+
+    def init(self, text):
+        self.send(INIT, np.int32(0), np.int32(len(text)), text.encode())
+
+    def forces(self, batch, nat):
+        assert self.recv(12) == FORCEREADY
+        pot = np.frombuffer(self.recv(8 * batch), np.float64)
+        assert int(np.frombuffer(self.recv(4), np.int32)[0]) == nat
+        f = np.frombuffer(self.recv(24 * nat * batch), np.float64).reshape(batch, nat, 3)
+        vir = np.frombuffer(self.recv(72 * batch), np.float64).reshape(batch, 3, 3)
+        extras = []
+        for _ in range(batch):
+            n = int(np.frombuffer(self.recv(4), np.int32)[0])
+            extras.append(json.loads(self.recv(n)))
+        return pot, f, vir, extras
+
+
+def _serve_in_thread(client):
+    out = {}
+
+    def run():
+        try:
+            out["rc"] = client.serve()
+        except BaseException as err:  # noqa: BLE001 - reported to the test
+            out["error"] = err
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, out
+
+
+@pytest.fixture(scope="module")
+def box_case():
+    atoms = water_box(triclinic=True)
+    system = QMMMSystem.from_atoms(atoms, source="box")
+    model = tiny_model()
+    pos = atoms.positions * ANGSTROM_TO_BOHR
+    rows = atoms.cell.array * ANGSTROM_TO_BOHR
+    return atoms, system, model, pos, rows
+
+
+def test_protocol_unbatched_and_batched_against_scripted_server(box_case):
+    """Bytes on the wire: cell transposition, batch layout, coupling from INIT, extras JSON, EXIT."""
+    atoms, system, model, pos, rows = box_case
+    ev = Evaluator(model, system, "cpu", torch.float64)
+    ref = Evaluator(tiny_model(), system, "cpu", torch.float64, coupling=0.5)
+    n = len(atoms)
+    h = rows.T.copy()  # i-PI's h: lattice vectors as columns
+    ih = np.linalg.inv(h)
+    rng = np.random.default_rng(3)
+    frames = pos[None] + rng.normal(scale=0.05, size=(4, n, 3))
+
+    a, b = socket.socketpair()
+    with a, b:
+        client = IPIClient(b, ev, system)
+        thread, out = _serve_in_thread(client)
+        srv = _FakeIPI(a)
+        assert srv.status() == NEEDINIT
+        srv.init(" coupling : 0.5 , ")
+        assert srv.status() == READY
+        # consolidated i-PI: POSDATA and GETFORCE in one send, no STATUS in between
+        srv.send(POSDATA, h, ih, np.int32(n), frames[0], GETFORCE)
+        pot, f, vir, extras = srv.forces(1, n)
+        r = ref.compute(frames[:1], rows[None])
+        np.testing.assert_allclose(pot, r.energy, rtol=1e-13)
+        np.testing.assert_allclose(f, r.forces, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(vir, r.virial, rtol=1e-10, atol=1e-13)
+        assert extras[0] == json.loads(json.dumps(r.extras(0, system)))
+        # classic (threaded) i-PI: STATUS between the messages
+        srv.send(POSDATA, h, ih, np.int32(n), frames[1])
+        assert srv.status() == HAVEDATA
+        srv.send(GETFORCE)
+        pot1, f1, _, _ = srv.forces(1, n)
+        np.testing.assert_allclose(f1, ref.compute(frames[1:2], rows[None]).forces, rtol=1e-10, atol=1e-13)
+        # batched: i-PI re-initialises nothing, but a new INIT with batch_size switches the layout
+        srv.init(" coupling : 0.5 , , batch_size:4")
+        cells = np.concatenate([np.stack([h, ih])] * 4)
+        srv.send(POSDATA, np.int32(n), cells, frames, GETFORCE)
+        pots, fs, virs, extras = srv.forces(4, n)
+        rb = ref.compute(frames, np.repeat(rows[None], 4, 0))
+        np.testing.assert_allclose(pots, rb.energy, rtol=1e-13)
+        np.testing.assert_allclose(fs, rb.forces, rtol=1e-10, atol=1e-13)
+        assert len(extras) == 4 and extras[3]["qm_charges"] == pytest.approx(rb.qm_charges[3].tolist())
+        srv.send(EXIT)
+        thread.join(10)
+    assert out.get("rc") == 0, out
+    assert client.structures == 6 and client.requests == 3
+
+
+
+def test_protocol_errors_against_scripted_server(box_case):
+    """Wrong atom count and NaN results are refused without a reply; EOF without EXIT is reported."""
+    atoms, system, model, pos, rows = box_case
+    n = len(atoms)
+    h = rows.T.copy()
+    ih = np.linalg.inv(h)
+
+    # atom count
+    a, b = socket.socketpair()
+    with a, b:
+        client = IPIClient(b, Evaluator(model, system, "cpu", torch.float64), system)
+        thread, out = _serve_in_thread(client)
+        srv = _FakeIPI(a)
+        srv.init(" ")
+        srv.send(POSDATA, h, ih, np.int32(n - 3), pos[:-3])
+        thread.join(10)
+        assert "i-PI sent 1533 atoms but the system file box has 1536" in str(out.get("error"))
+
+    # non-finite result: nothing is sent back
+    class NaNEvaluator:
+        coupling = 1.0
+
+        def compute(self, positions, cells):
+            raise NonFiniteResult("the model gave a non-finite energy or force for frame 0")
+
+    a, b = socket.socketpair()
+    with a:
+        client = IPIClient(b, NaNEvaluator(), system)
+        thread, out = _serve_in_thread(client)
+        srv = _FakeIPI(a)
+        srv.init(" ")
+        srv.send(POSDATA, h, ih, np.int32(n), pos, GETFORCE)
+        thread.join(10)
+        assert isinstance(out.get("error"), NonFiniteResult)
+        b.close()
+        a.settimeout(5)
+        try:
+            data = a.recv(12)
+        except ConnectionResetError:  # closed with GETFORCE unread
+            data = b""
+        assert data == b""  # nothing was sent before the worker closed its end
+    # EOF without EXIT
+    a, b = socket.socketpair()
+    with b:
+        client = IPIClient(b, Evaluator(model, system, "cpu", torch.float64), system)
+        thread, out = _serve_in_thread(client)
+        srv = _FakeIPI(a)
+        assert srv.status() == NEEDINIT
+        a.close()
+        thread.join(10)
+        assert isinstance(out.get("error"), ConnectionLost)
+        assert "without sending EXIT" in str(out["error"])
+
+
+# --------------------------------------------------------------------------- real i-PI
+
+
+def test_ipi_records_evaluator_forces_and_energy(procs, tmp_path, tiny_model_file):
+    """Forces/potential i-PI records for a triclinic periodic box equal Evaluator.compute (float64)."""
+    atoms = water_box(triclinic=True)
+    frame = write_frame(atoms, tmp_path / "box.extxyz")
+    name = procs.socket_name()
+    xml = ipi_input(name, frame.name, steps=3, parameters="{coupling: 0.5}")
+    ipi, workers = start_workers_then_ipi(
+        procs, ["--model", tiny_model_file, "--system", frame, "--unix", name, "--dtype", "float64"], xml)
+    finish_run(procs, ipi, workers)
+
+    pos = read_ipi_bin(tmp_path / "sim.pos_0.bin")
+    frc = read_ipi_bin(tmp_path / "sim.frc_0.bin")
+    props = read_ipi_properties(tmp_path / "sim.out")
+    assert len(pos) == len(frc) == len(props["potential"]) == 4
+
+    system = QMMMSystem.read(frame)
+    from qmmm_driver.model.io import load_model
+    ev = Evaluator(load_model(tiny_model_file), system, "cpu", torch.float64, coupling=0.5)
+    q = np.stack([p[1] for p in pos])
+    cells = np.stack([p[0].T for p in pos])  # i-PI h has lattice vectors as columns
+    res = ev.compute(q, cells)
+    f_ipi = np.stack([f[1] for f in frc])
+    scale = np.abs(res.forces).max()
+    np.testing.assert_allclose(f_ipi, res.forces, rtol=1e-8, atol=1e-8 * scale)
+    np.testing.assert_allclose(props["potential"], res.energy, rtol=1e-10)
+    assert np.abs(np.diff(props["potential"])).max() > 1e-6  # the structures really changed
+
+    # the extras travelled: qm_charges of every step as JSON
+    blocks = re.split(r"#EXTRAS\(raw\)# Step:\s+\d+", (tmp_path / "sim.xtr_0").read_text())[1:]
+    assert len(blocks) == 4
+    for k, block in enumerate(blocks):
+        raw = ast.literal_eval(block.strip())["raw"]
+        extras = json.loads(raw[0] if isinstance(raw, list) else raw)
+        assert extras["qm_charges"] == pytest.approx(res.qm_charges[k].tolist(), rel=1e-10)
+        assert extras["qm_indices"] == [0, 1, 2]
+
+    # the comparison is sensitive to what it checks: coupling and the cell convention
+    ev.coupling = 1.0
+    assert np.abs(ev.compute(q, cells).forces - f_ipi).max() > 1e-6 * scale
+    ev.coupling = 0.5
+    try:
+        wrong = ev.compute(q, cells.transpose(0, 2, 1))
+        assert np.abs(wrong.forces - f_ipi).max() > 1e-6 * scale
+    except Exception as err:  # the untransposed matrix may not even be a valid cell for the cutoff
+        assert "cell" in str(err)
+
+
+def test_nve_conserves_energy(procs, tmp_path, tiny_model_file):
+    """NVE with the model (+ a harmonic tether that keeps the untrained model's water intact).
+
+    The untrained model has no repulsive wall, so without the tether the QM water
+    dissociates within ~20 fs; the tether (i-PI's own ffdebye, exact forces) keeps
+    every atom near its start so the run samples a sane region of the model. The
+    tether is not translation invariant, so i-PI's fixcom (which removes the
+    centre-of-mass momentum it imparts) must be off for the energy to be conserved.
+    """
+    atoms = water_cluster()
+    frame = write_frame(atoms, tmp_path / "cluster.extxyz", box=CLUSTER_BOX)
+    n = len(atoms)
+    k = 10.0 / HARTREE / ANGSTROM_TO_BOHR**2  # 10 eV/A^2 in Hartree/Bohr^2
+    np.savetxt(tmp_path / "hessian.txt", np.eye(3 * n) * k)
+    np.savetxt(tmp_path / "xref.txt", (atoms.positions * ANGSTROM_TO_BOHR).reshape(-1))
+    tether = (f"<ffdebye name='tether'><hessian mode='file' shape='({3 * n},{3 * n})'> hessian.txt </hessian>"
+              f"<x_reference mode='file'> xref.txt </x_reference></ffdebye>")
+    dt_fs, steps = 0.25, 200
+    name = procs.socket_name()
+    xml = ipi_input(name, frame.name, steps=steps, dt_fs=dt_fs, temperature=300.0, trajectories=False,
+                    extra_forcefields=tether, extra_forces="<force forcefield='tether'/>", fixcom=False,
+                    properties="step, time{picosecond}, conserved{atomic_unit}, potential{atomic_unit}, "
+                               "kinetic_md{atomic_unit}")
+    ipi, workers = start_workers_then_ipi(
+        procs, ["--model", tiny_model_file, "--system", frame, "--unix", name, "--dtype", "float64"], xml)
+    finish_run(procs, ipi, workers, timeout=150)
+
+    props = read_ipi_properties(tmp_path / "sim.out")
+    t, e = props["time"], props["conserved"]
+    assert len(t) == steps + 1
+    slope = np.polyfit(t, e, 1)[0]  # Hartree / ps
+    drift = slope / n
+    fluct = np.std(e - np.polyval(np.polyfit(t, e, 1), t)) / n
+    kin_range = np.ptp(props["kinetic_md"])
+    print(f"\nNVE drift: {drift:.3e} Ha/atom/ps = {drift * HARTREE * 1e3:.3e} meV/atom/ps "
+          f"(float64, {n} atoms, dt {dt_fs} fs, {steps} steps, 300 K, tether 10 eV/A^2); "
+          f"residual fluctuation {fluct * HARTREE * 1e3:.2e} meV/atom; kinetic energy range {kin_range:.2e} Ha")
+    assert kin_range > 1e-3  # energy really flows between kinetic and potential
+    # measured ~1.5e-6 Ha/atom/ps and ~6e-7 Ha/atom (Verlet error, ~dt^2); the same run with the MM
+    # forces dropped drifts by 3e-5 to 3e-4, with forces off by a Bohr/Angstrom factor by ~1e-3
+    assert abs(drift) < 5e-6  # Ha/atom/ps
+    assert fluct < 2e-6  # Ha/atom
+
+
+@pytest.mark.parametrize("launch", ["two processes", "mpiexec -n 2"])
+def test_two_workers_serve_pimd(procs, tmp_path, tiny_model_file, launch):
+    """Two workers serve one i-PI running 4-bead PIMD; both get requests."""
+    frame = write_frame(water_cluster(), tmp_path / "cluster.extxyz", box=CLUSTER_BOX)
+    name = procs.socket_name()
+    xml = ipi_input(name, frame.name, steps=12, dt_fs=0.25, nbeads=4, trajectories=False)
+    args = ["--model", tiny_model_file, "--system", frame, "--unix", name]
+    mpi = 2 if launch.startswith("mpiexec") else None
+    ipi, workers = start_workers_then_ipi(procs, args, xml, n_workers=2, mpi=mpi)
+    finish_run(procs, ipi, workers)
+    log = "\n".join(procs.log(w) for w in workers)
+    counts = served_counts(log)
+    assert len(counts) == 2, log
+    assert all(s > 0 for s, _ in counts), log
+    assert sum(s for s, _ in counts) == 4 * 13, log  # 4 beads x (initial + 12 steps), each exactly once
+    if mpi:
+        assert "rank 0/2" in log and "rank 1/2" in log, log
+        assert "[rank 0/2] served" in log and "[rank 1/2] served" in log, log
+
+
+def test_batched_equals_unbatched(procs, tmp_path, tiny_model_file):
+    """<batch_size>4</batch_size>: one compute call per 4 beads, same forces as one-by-one."""
+    frame = write_frame(water_cluster(), tmp_path / "cluster.extxyz", box=CLUSTER_BOX)
+    forces, counts = {}, {}
+    for batch in (1, 4):
+        run_dir = tmp_path / f"batch{batch}"
+        run_dir.mkdir()
+        sub = Procs(run_dir)
+        try:
+            name = sub.socket_name()
+            xml = ipi_input(name, str(frame), steps=4, dt_fs=0.25, nbeads=4, batch_size=batch)
+            ipi, workers = start_workers_then_ipi(
+                sub, ["--model", tiny_model_file, "--system", frame, "--unix", name, "--dtype", "float64"], xml)
+            finish_run(sub, ipi, workers)
+            forces[batch] = np.stack([[f[1] for f in read_ipi_bin(run_dir / f"sim.frc_{b}.bin")] for b in range(4)])
+            counts[batch] = served_counts(sub.log(workers[0]))[0]
+        finally:
+            sub.cleanup()
+    assert forces[1].shape == forces[4].shape == (4, 5, 93, 3)
+    scale = np.abs(forces[1]).max()
+    np.testing.assert_allclose(forces[4], forces[1], rtol=1e-8, atol=1e-9 * scale)
+    assert np.abs(forces[1][0] - forces[1][1]).max() > 1e-6 * scale  # beads differ: a real batch
+    assert counts[1] == (20, 20)
+    assert counts[4] == (20, 5)  # 4 structures per request

@@ -1,0 +1,120 @@
+"""Training lowers the loss and round-trips through save/load; evaluate reports the expected numbers."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from qmmm_driver.frames import Frame, write_frames
+from qmmm_driver.model.io import load_model, save_model
+from qmmm_driver.training.data import collate
+from qmmm_driver.training.loss import predict
+
+from conftest import tiny_model, water_cluster
+
+
+def teacher_frames(n=24, seed=0):
+    """Cluster frames labelled by a fixed 'teacher' model: exact, noise-free labels."""
+    teacher = tiny_model(seed=7).double()
+    frames = []
+    rng = np.random.default_rng(seed)
+    for k in range(n):
+        atoms = water_cluster(n_mm=6 + k % 5, seed=100 + k)
+        atoms.positions[:3] += rng.normal(scale=0.04, size=(3, 3))
+        frames.append(Frame.from_atoms(atoms))
+    pred = predict(teacher, collate(frames, teacher.elements), create_graph=False)
+    bounds = np.cumsum([0] + [len(f.mm_indices) for f in frames])
+    for k, f in enumerate(frames):
+        f.energy = float(pred["energy"][k])
+        f.forces = np.zeros_like(f.positions)
+        f.forces[f.qm_indices] = pred["qm_forces"][3 * k:3 * k + 3].detach().numpy()
+        f.forces[f.mm_indices] = pred["mm_forces"][bounds[k]:bounds[k + 1]].detach().numpy()
+        f.qm_charges = np.zeros(len(f.numbers))
+        f.qm_charges[f.qm_indices] = pred["charges"][3 * k:3 * k + 3].detach().numpy()
+        f.dipole = pred["dipole"][k].detach().numpy()
+    return teacher, frames
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "qmmm_driver.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_training_lowers_loss_and_round_trips(tmp_path):
+    _, frames = teacher_frames()
+    write_frames(tmp_path / "frames.extxyz", frames)
+    (tmp_path / "cfg.toml").write_text("""
+[data]
+files = ["frames.extxyz"]
+split = [0.7, 0.15, 0.15]
+[model]
+features = [8, 4, 2, 0]
+n_layers = 1
+radial_hidden = 8
+readout_hidden = 8
+[training]
+output = "run"
+epochs = 6
+batch_size = 4
+lr = 0.01
+threads = 1
+""")
+    res = run_cli("train", tmp_path / "cfg.toml")
+    assert res.returncode == 0, res.stderr[-2000:]
+    run = tmp_path / "run"
+    history = json.loads((run / "history.json").read_text())
+    assert len(history) == 6
+    assert history[-1]["val_loss"] < 0.5 * history[0]["val_loss"]
+    assert (run / "learning_curve.png").stat().st_size > 5000
+    test = json.loads((run / "test_metrics.json").read_text())
+    # the saved model reproduces the reported test metrics
+    res = run_cli("evaluate", "--model", run / "model.pt", "--data", tmp_path / "frames.extxyz",
+                  "--split", run / "split.json", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    again = json.loads(res.stdout)
+    assert again["n_frames"] == test["n_frames"] == len(json.loads((run / "split.json").read_text())["test"])
+    assert again["energy_mae_meV"] == pytest.approx(test["energy_mae_meV"], rel=1e-6)
+    assert again["force_mae_meV_per_A"] == pytest.approx(test["force_mae_meV_per_A"], rel=1e-6)
+    # resume continues the run instead of starting over
+    res = run_cli("train", tmp_path / "cfg.toml", "--resume", "--epochs", "8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == list(range(8))
+
+
+def test_evaluate_reports_known_errors(tmp_path):
+    teacher, frames = teacher_frames(n=6)
+    save_model(teacher, tmp_path / "teacher.pt")
+    write_frames(tmp_path / "exact.extxyz", frames)
+    hartree, ev_per_a = 27.211386024367243, 27.211386024367243 / 0.5291772105638411
+    for f in frames:  # known label offsets: +5 meV, +20 meV/A on x of every QM atom, +0.01 e
+        f.energy += 0.005 / hartree
+        f.forces[f.qm_indices, 0] += 0.020 / ev_per_a
+        f.qm_charges[f.qm_indices] += 0.01
+    write_frames(tmp_path / "shifted.extxyz", frames)
+    exact = json.loads(run_cli("evaluate", "--model", tmp_path / "teacher.pt", "--data", tmp_path / "exact.extxyz",
+                               "--dtype", "float64", "--json").stdout)
+    assert exact["n_frames"] == 6
+    assert exact["energy_mae_meV"] < 1e-3 and exact["force_mae_meV_per_A"] < 1e-2 and exact["charge_mae_e"] < 1e-6
+    res = run_cli("evaluate", "--model", tmp_path / "teacher.pt", "--data", tmp_path / "shifted.extxyz",
+                  "--dtype", "float64", "--json", "--parity", tmp_path / "parity.png")
+    shifted = json.loads(res.stdout)
+    assert set(shifted) >= {"n_frames", "energy_mae_meV", "energy_rmse_meV", "force_mae_meV_per_A",
+                            "mm_force_mae_meV_per_A", "charge_mae_e"}
+    assert shifted["energy_mae_meV"] == pytest.approx(5.0, abs=1e-3)
+    assert shifted["energy_rmse_meV"] == pytest.approx(5.0, abs=1e-3)
+    assert shifted["force_mae_meV_per_A"] == pytest.approx(20.0 / 3.0, abs=1e-2)
+    assert shifted["charge_mae_e"] == pytest.approx(0.01, abs=1e-6)
+    assert shifted["mm_force_mae_meV_per_A"] < 1e-2
+    assert (tmp_path / "parity.png").stat().st_size > 5000
+
+
+def test_bad_config_is_refused(tmp_path):
+    (tmp_path / "cfg.toml").write_text('[data]\nfiles = ["x.extxyz"]\n[training]\nepochz = 3\n')
+    res = run_cli("train", tmp_path / "cfg.toml")
+    assert res.returncode == 2 and "unknown key(s) ['epochz']" in res.stderr
+    (tmp_path / "cfg.toml").write_text('[data]\nfiles = ["missing.extxyz"]\n')
+    res = run_cli("train", tmp_path / "cfg.toml")
+    assert res.returncode == 2 and "missing.extxyz does not exist" in res.stderr
