@@ -16,6 +16,7 @@ from .errors import InputError
 #: subcommand -> (module, one-line help)
 COMMANDS = {
     "run": ("qmmm_driver.worker", "serve the model to i-PI over a socket (one worker per MPI rank)"),
+    "mm": ("qmmm_driver.mm_worker", "serve the MM force field (OpenMM, QM terms removed) to i-PI as a second forcefield"),
     "sample": ("qmmm_driver.sampling", "unlabelled QM/MM frames from OpenMM MD of an example system"),
     "label": ("qmmm_driver.labelling", "reference energies, forces and charges with PySCF (electrostatic embedding)"),
     "train": ("qmmm_driver.training.command", "train the model on labelled frames (TOML config)"),

@@ -5,7 +5,8 @@ One :class:`IPIClient` serves one connection: i-PI asks ``STATUS`` and gets
 ``<parameters>`` as ``" key : value , ..."`` (plus ``batch_size:N`` when the
 ``<ffsocket>`` batches requests); ``POSDATA`` carries the cell(s) and positions;
 ``GETFORCE`` is answered with ``FORCEREADY`` and the energy, forces, virial and
-a JSON ``extras`` string; ``EXIT`` ends the session.
+a JSON ``extras`` string (empty when the evaluator has no extras); ``EXIT``
+ends the session.
 
 Wire layout (native byte order, float64 and int32):
 
@@ -222,7 +223,8 @@ def parse_init(text: str | bytes) -> InitParameters:
 
 
 class IPIClient:
-    """Serves one i-PI connection with an :class:`~qmmm_driver.evaluator.Evaluator`.
+    """Serves one i-PI connection with an :class:`~qmmm_driver.evaluator.Evaluator` (or any object with
+    its ``compute``/``coupling`` interface, e.g. :class:`~qmmm_driver.mm_forcefield.OpenMMEvaluator`).
 
     ``coupling`` is used when the INIT string does not set one. After
     :meth:`serve` returns (EXIT) or raises, ``structures`` and ``requests``
@@ -346,12 +348,13 @@ class IPIClient:
         self._r_pot[:] = res.energy
         self._r_force[:] = res.forces
         self._r_vir[:] = res.virial
-        extras = []
+        payload = []
         for b in range(B):
-            text = json.dumps(res.extras(b, self.system)).encode("utf-8")
-            extras.append(np.int32(len(text)).tobytes())
-            extras.append(text)
-        self._send_parts((self._reply, b"".join(extras)))  # one sendmsg, no copy of the forces
+            extras = res.extras(b, self.system)
+            text = json.dumps(extras).encode("utf-8") if extras else b""  # none: i-PI records no extras
+            payload.append(np.int32(len(text)).tobytes())
+            payload.append(text)
+        self._send_parts((self._reply, b"".join(payload)))  # one sendmsg, no copy of the forces
 
     def serve(self) -> int:
         """Answer i-PI until EXIT (returns 0); raises on errors without sending a reply."""

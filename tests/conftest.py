@@ -73,7 +73,7 @@ def tiny_model(elements=("H", "O"), env_order: int = 3, seed: int = 0, **kw):
     from qmmm_driver.model import ModelSettings, QMMMModel
 
     torch.manual_seed(seed)
-    settings = ModelSettings(elements=list(elements), env_order=env_order, features=[8, 4, 2, 2],
+    settings = ModelSettings(elements=list(elements), env_order=env_order, channels=8,
                              n_layers=2, radial_hidden=8, readout_hidden=8, **kw)
     model = QMMMModel(settings)
     with torch.no_grad():
@@ -336,3 +336,61 @@ def finish_run(procs: Procs, ipi, workers, timeout: float = 120.0):
 def served_counts(log: str) -> list[tuple[int, int]]:
     """(structures, requests) from every worker exit line in ``log``."""
     return [(int(a), int(b)) for a, b in re.findall(r"served (\d+) structures in (\d+) requests", log)]
+
+
+# --------------------------------------------------------------------------- MM worker (OpenMM) and small periodic boxes
+# Used by tests/test_mm_worker.py and tests/test_dynamics.py: `qmmm-driver mm` workers beside the
+# model workers, on a small periodic water box that a tiny model with a short embedding cutoff fits.
+
+MM_CMD = [sys.executable, "-m", "qmmm_driver.cli", "mm"]
+SMALL_BOX_A = 15.0                       # cubic box edge (A): about 100 waters
+SMALL_R_ON_A, SMALL_R_OFF_A = 5.0, 6.5   # embedding switch of the small-box model (cell > 2 r_off)
+SMALL_MM_ARGS = ["--forcefield", "amber14/tip3p.xml", "--cutoff", "7.0", "--switch-distance", "6.0"]
+
+
+def start_mm_worker(procs: Procs, args, log: str = "mm_worker.log"):
+    """Start ``qmmm-driver mm`` under ``procs`` (same cleanup as the model workers)."""
+    return procs._start(MM_CMD + [str(a) for a in args], log)
+
+
+def minimized_setup(name: str = "water", box_A: float = SMALL_BOX_A, seed: int = 0, cutoff_nm: float = 0.7):
+    """An example system from qmmm_driver.mm_systems with its solvent overlaps removed (OpenMM minimisation).
+
+    The QM atoms are held fixed: their internal terms are the model's, not the force field's.
+    """
+    import openmm
+    from openmm import unit
+
+    from qmmm_driver.mm_systems import build_setup
+
+    setup = build_setup(name, box_A=box_A, seed=seed)
+    system = setup.create_system(cutoff_nm)
+    for i in setup.qm_indices:  # the QM region stays as built (massless particles do not move)
+        system.setParticleMass(int(i), 0.0)
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"),
+                         {"Threads": "1"})
+    ctx.setPositions(setup.positions * unit.nanometer)
+    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 300)
+    setup.positions = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    return setup
+
+
+@pytest.fixture(scope="session")
+def small_box(tmp_path_factory):
+    """A minimised periodic water box: ``{'dir', 'pdb', 'extxyz', 'setup'}`` (files system.pdb, system.extxyz)."""
+    directory = tmp_path_factory.mktemp("small_box")
+    setup = minimized_setup("water")
+    files = setup.write(directory)
+    return {"dir": directory, "pdb": files["pdb"], "extxyz": files["extxyz"], "setup": setup}
+
+
+@pytest.fixture(scope="session")
+def small_model_file(tmp_path_factory):
+    """A tiny model whose embedding cutoff fits the small box."""
+    from qmmm_driver.model.io import save_model
+    from qmmm_driver.units import ANGSTROM_TO_BOHR
+
+    path = tmp_path_factory.mktemp("model") / "small.pt"
+    model = tiny_model(mm_switch_on=SMALL_R_ON_A * ANGSTROM_TO_BOHR, mm_switch_off=SMALL_R_OFF_A * ANGSTROM_TO_BOHR)
+    save_model(model, path, metadata={"note": "untrained test model, short embedding cutoff"})
+    return path

@@ -51,7 +51,8 @@ def test_tiny_training_lowers_loss_and_round_trips(tmp_path):
 files = ["frames.extxyz"]
 split = [0.7, 0.15, 0.15]
 [model]
-features = [8, 4, 2, 0]
+channels = 8
+lmax = 2
 n_layers = 1
 radial_hidden = 8
 readout_hidden = 8
@@ -59,7 +60,7 @@ readout_hidden = 8
 output = "run"
 epochs = 6
 batch_size = 4
-lr = 0.01
+lr = 0.03
 threads = 1
 """)
     res = run_cli("train", tmp_path / "cfg.toml")

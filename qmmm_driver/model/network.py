@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import ase.data
 import torch
-from e3nn import nn as enn
 from e3nn import o3
 
 from ..embedding import switch
-from ..environment import degree_index, env_irreps, frame_pairs, taylor_tensors
-from .layers import BesselBasis, InteractionBlock, natural_irreps
+from ..environment import degree_index, frame_pairs, mm_taylor_tensors, taylor_tensors
+from .layers import BesselBasis, InteractionBlock, mlp
 from .settings import ModelSettings
 
 
@@ -38,23 +37,19 @@ class QMMMModel(torch.nn.Module):
         self.settings = settings
         s = settings
         self.K = s.env_order
-        self.irreps_node = natural_irreps(s.features)
-        self.irreps_env = env_irreps(self.K)
-        lmax_edge = max(ir.l for _, ir in self.irreps_node)
-        self.irreps_sh = o3.Irreps.spherical_harmonics(lmax_edge)
         n_elem = len(s.elements)
         numbers = [ase.data.atomic_numbers[e] for e in s.elements]
+        self.n_sh = (s.lmax + 1) ** 2
 
-        self.embed = o3.Linear(o3.Irreps(f"{n_elem}x0e"), self.irreps_node)
+        self.embed = torch.nn.Linear(n_elem, s.channels, bias=False)
         self.basis = BesselBasis(s.cutoff, s.n_radial)
         self.blocks = torch.nn.ModuleList(
-            InteractionBlock(self.irreps_node, self.irreps_sh, self.irreps_env, s.n_radial, s.radial_hidden)
-            for _ in range(s.n_layers))
+            InteractionBlock(s.lmax, self.K, s.channels, s.n_radial, s.radial_hidden) for _ in range(s.n_layers))
         self.layer_charges = torch.nn.ModuleList(
-            o3.Linear(self.irreps_node, o3.Irreps("0e")) for _ in range(s.n_layers if s.long_range else 0))
-        self.energy_head = enn.FullyConnectedNet([s.features[0], s.readout_hidden, 1], torch.nn.functional.silu)
-        self.charge_head = o3.Linear(self.irreps_node, o3.Irreps("0e"))
-        self.dipole_head = o3.Linear(self.irreps_node, o3.Irreps("1o")) if s.features[1] > 0 else None
+            torch.nn.Linear(s.channels, 1) for _ in range(s.n_layers if s.long_range else 0))
+        self.energy_head = mlp([s.channels, s.readout_hidden, 1])
+        self.charge_head = torch.nn.Linear(s.channels, 1)
+        self.dipole_head = torch.nn.Linear(s.channels, 1, bias=False)
 
         # statistics of the training data (set by the trainer, stored in the model file)
         self.register_buffer("env_scale", torch.ones(self.K + 1))
@@ -94,31 +89,31 @@ class QMMMModel(torch.nn.Module):
         r = vec.norm(dim=-1)
         edge = torch.nonzero(r.detach() < s.cutoff, as_tuple=True)[0]
         edge_dst, edge_src = pi[edge], pj[edge]
-        edge_sh = o3.spherical_harmonics(self.irreps_sh, vec[edge], normalize=True, normalization="component")
+        edge_sh = o3.spherical_harmonics(list(range(s.lmax + 1)), vec[edge], normalize=True,
+                                         normalization="component")
         edge_basis = self.basis(r[edge])
         lr_weight = 1.0 - switch(r, s.lr_switch_on, s.lr_switch_off)
 
         # Taylor tensors of the MM potential at every QM atom
-        mi, mj = frame_pairs(qm_frame, mm_frame, n_frames)
-        t_mm = taylor_tensors(qm_pos, mm_pos, mm_charge, mi, mj, self.K)
+        t_mm = mm_taylor_tensors(qm_pos, qm_frame, mm_pos, mm_charge, mm_frame, n_frames, self.K,
+                                 analytic_gradient=not self.training)
         inv_scale = (1.0 / self.env_scale)[self.degrees]
 
         onehot = torch.nn.functional.one_hot(species, len(s.elements)).to(dtype)
-        h = self.embed(onehot)
+        h = torch.zeros(qm_pos.shape[0], s.channels, self.n_sh, device=qm_pos.device, dtype=dtype)
+        h = torch.cat([self.embed(onehot)[:, :, None], h[:, :, 1:]], dim=2)
         for layer, block in enumerate(self.blocks):
             env = t_mm
             if s.long_range:
-                q_layer = self._neutralise(self.layer_charges[layer](h).squeeze(-1), qm_frame,
+                q_layer = self._neutralise(self.layer_charges[layer](h[:, :, 0]).squeeze(-1), qm_frame,
                                            total_charge, count, n_frames)
                 env = env + taylor_tensors(qm_pos, qm_pos, q_layer, pi, pj, self.K, lr_weight)
             h = block(h, edge_src, edge_dst, edge_sh, edge_basis, env * inv_scale, self.avg_neighbors)
 
-        atom_energy = self.energy_head(h[:, : s.features[0]]).squeeze(-1) * self.energy_scale
-        charges = self._neutralise(self.charge_head(h).squeeze(-1), qm_frame, total_charge, count, n_frames)
-        if self.dipole_head is not None:
-            atomic_dipoles = self.dipole_head(h)
-        else:
-            atomic_dipoles = torch.zeros_like(qm_pos)
+        scalars = h[:, :, 0]
+        atom_energy = self.energy_head(scalars).squeeze(-1) * self.energy_scale
+        charges = self._neutralise(self.charge_head(scalars).squeeze(-1), qm_frame, total_charge, count, n_frames)
+        atomic_dipoles = self.dipole_head(h[:, :, 1:4].transpose(1, 2)).squeeze(-1)  # l = 1 is (x, y, z)
         if s.electrostatic_baseline:
             atom_energy = atom_energy + charges * t_mm[:, 0]
             if self.K >= 1:

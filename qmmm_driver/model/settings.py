@@ -22,7 +22,8 @@ class ModelSettings:
     - ``elements``: QM elements the model knows, e.g. ``["H", "O"]``.
     - ``env_order`` (K): highest order of the MM potential expansion fed to the
       model (0 potential, 1 field, 2 field gradient, 3 third derivative).
-    - ``features``: multiplicities of node features of degree 0, 1, 2, 3.
+    - ``channels``: feature channels; each carries one irrep of every degree
+      l = 0..``lmax`` (natural parity: 0e, 1o, 2e, 3o).
     - ``n_layers``: interaction blocks; ``cutoff``: QM-QM message-passing radius;
       ``n_radial``/``radial_hidden``: Bessel basis size and radial MLP width.
     - ``long_range``: learned per-layer QM charges produce Taylor tensors at the
@@ -35,7 +36,8 @@ class ModelSettings:
 
     elements: list[str] = field(default_factory=list)
     env_order: int = 3
-    features: list[int] = field(default_factory=lambda: [32, 16, 8, 4])
+    channels: int = 32
+    lmax: int = 3
     n_layers: int = 3
     cutoff: float = 5.0 * ANGSTROM_TO_BOHR
     n_radial: int = 8
@@ -51,8 +53,10 @@ class ModelSettings:
     def __post_init__(self):
         if not 0 <= self.env_order <= 3:
             raise ValueError(f"env_order (K) must be 0, 1, 2 or 3, got {self.env_order}")
-        if len(self.features) != 4 or min(self.features) < 0 or self.features[0] < 1:
-            raise ValueError(f"features must list 4 multiplicities (l = 0..3) with at least one scalar, got {self.features}")
+        if self.channels < 1:
+            raise ValueError(f"channels must be >= 1, got {self.channels}")
+        if not 1 <= self.lmax <= 3:
+            raise ValueError(f"lmax (degree of node features) must be 1, 2 or 3, got {self.lmax}")
         if self.n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
         if not 0 < self.lr_switch_on < self.lr_switch_off:

@@ -1,0 +1,205 @@
+"""``qmmm-driver mm``: serve the MM force field (OpenMM) to i-PI as a second forcefield.
+
+The model worker (``qmmm-driver run``) gives the QM energy in the field of the MM
+charges; this worker gives everything else: MM-MM bonded terms, MM-MM
+electrostatics (PME in a periodic cell) and all Lennard-Jones terms involving
+an MM atom, with QM charges zeroed and every QM-QM term removed (see
+:mod:`qmmm_driver.mm_forcefield`). i-PI adds the two, so nothing is counted twice::
+
+    <ffsocket name="qmmm" mode="unix"><address>qmmm</address></ffsocket>
+    <ffsocket name="mm" mode="unix"><address>mm</address></ffsocket>
+    <forces><force forcefield="qmmm"/><force forcefield="mm"/></forces>
+
+    qmmm-driver mm --pdb system.pdb --forcefield amber14/tip3p.xml --system system.extxyz --unix mm
+
+The virial sent to i-PI is zero (OpenMM gives none): constant-pressure runs are
+not supported with this worker. Exit status as for ``qmmm-driver run``: 0 after
+i-PI's EXIT; 2 for input to fix; 3 when i-PI goes away; 4 for a non-finite
+OpenMM result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from .errors import InputError
+from .worker import EXIT_CONNECTION, EXIT_INPUT, EXIT_NONFINITE, EXIT_OK, _on_sigterm, socket_address
+
+DEVICES = "auto, cpu, reference, cuda or cuda:N"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from .mm_forcefield import DEFAULT_CUTOFF_A, DEFAULT_SWITCH_A
+
+    parser.add_argument("--pdb", required=True, metavar="SYSTEM.pdb",
+                        help="topology (and box) of all atoms in i-PI's order, e.g. examples/water/system.pdb")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--forcefield", nargs="+", metavar="FFXML",
+                        help="OpenMM force-field files, e.g. amber14/tip3p.xml qmmm_driver/data/sn2_solute.xml")
+    source.add_argument("--serialized", metavar="SYSTEM.xml",
+                        help="an OpenMM System written by XmlSerializer (flexible, no virtual sites), with --pdb")
+    parser.add_argument("--system", metavar="FRAME.extxyz",
+                        help="the model worker's system file: its 'qm' array selects the QM atoms")
+    parser.add_argument("--qm", metavar="SELECTION",
+                        help="QM atoms as 0-based indices and ranges, e.g. '0-5,9' (overrides the 'qm' array)")
+    parser.add_argument("--cutoff", type=float, default=None, metavar="A",
+                        help="real-space cutoff (PME and Lennard-Jones) in Angstrom, with --forcefield "
+                             f"(default {DEFAULT_CUTOFF_A:g})")
+    parser.add_argument("--switch-distance", type=float, default=None, metavar="A",
+                        help="Lennard-Jones switch start in Angstrom, 0 for none, with --forcefield "
+                             f"(default {DEFAULT_SWITCH_A:g})")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--unix", metavar="NAME",
+                       help="unix socket name, i-PI's <address> (connects to SOCKET_PREFIX + NAME)")
+    where.add_argument("--address", metavar="HOST", help="inet host of i-PI (with --port)")
+    parser.add_argument("--port", type=int, metavar="N", help="inet port of i-PI (with --address)")
+    parser.add_argument("--socket-prefix", default="/tmp/ipi_", metavar="PREFIX",
+                        help="i-PI's sockets_prefix for unix sockets (default: %(default)s)")
+    parser.add_argument("--device", default="auto", metavar="DEV",
+                        help=f"{DEVICES}: OpenMM's CUDA platform where there is one (GPU local_rank %% n_gpus), "
+                             "the CPU platform otherwise; reference = double-precision validation (default: %(default)s)")
+    parser.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
+                        help="keep retrying to connect for S seconds while i-PI is not up (default: %(default)s)")
+
+
+def _log(text: str) -> None:
+    print(f"qmmm-driver mm: {text}", file=sys.stderr, flush=True)
+
+
+def main(args) -> int:
+    from .parallel import detect_placement
+
+    placement = detect_placement()
+    tag = f"[rank {placement.rank}/{placement.size}] " if placement.size > 1 else ""
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:
+        pass
+    state = {"client": None}
+    code, outcome = EXIT_INPUT, "interrupted"
+    try:
+        code, outcome = _serve(args, placement, tag, state)
+    except InputError as err:
+        _log(f"error: {tag}{err}")
+        code, outcome = EXIT_INPUT, "stopped by an input error"
+    finally:
+        client = state["client"]
+        served = client.structures if client is not None else 0
+        requests = client.requests if client is not None else 0
+        _log(f"{tag}served {served} structures in {requests} requests; {outcome}")
+    return code
+
+
+def build(args, placement):
+    """``(OpenMMEvaluator, QMMMSystem, description)`` from the arguments."""
+    from . import mm_forcefield as mmf
+    from .system import QMMMSystem
+
+    if args.serialized is not None and (args.cutoff is not None or args.switch_distance is not None):
+        raise InputError("--cutoff and --switch-distance go with --forcefield; a serialized System has its own")
+    cutoff = mmf.DEFAULT_CUTOFF_A if args.cutoff is None else args.cutoff
+    switch = mmf.DEFAULT_SWITCH_A if args.switch_distance is None else args.switch_distance
+    if not cutoff > 0:
+        raise InputError(f"--cutoff {cutoff} must be positive (Angstrom)")
+    if args.system is None and args.qm is None:
+        raise InputError("give the QM atoms: --system FRAME.extxyz (its 'qm' array) or --qm '0-2'")
+
+    pdb = mmf.read_pdb(args.pdb)
+    topology = pdb.topology
+    symbols = [a.element.symbol if a.element is not None else "?" for a in topology.atoms()]
+    pdb_periodic = topology.getPeriodicBoxVectors() is not None
+    if args.system is not None:
+        system = QMMMSystem.read(args.system, qm=args.qm)
+        if system.n_atoms != len(symbols):
+            raise InputError(f"PDB file {args.pdb} has {len(symbols)} atoms but the system file {system.source} has "
+                             f"{system.n_atoms}; both must list the same atoms in the same order")
+        system.check_atoms(len(symbols), symbols, origin=f"PDB file {args.pdb}")
+        if system.periodic and not pdb_periodic:
+            raise InputError(f"system file {system.source} is periodic but PDB file {args.pdb} has no box (CRYST1)")
+        periodic = system.periodic
+    else:
+        periodic = pdb_periodic
+
+    mm = mmf.create_system(topology, args.forcefield, args.serialized, periodic, cutoff, switch)
+    source = args.serialized or f"force field {' '.join(args.forcefield)}"
+    if mm.usesPeriodicBoundaryConditions() != periodic:
+        raise InputError(f"{source} is {'' if mm.usesPeriodicBoundaryConditions() else 'not '}periodic but the "
+                         f"system is {'periodic' if periodic else 'a cluster'}")
+    mmf.check_flexible(mm, topology, source)
+    charges = mmf.force_field_charges(mm)
+    if args.system is None:
+        system = _system_from_pdb(topology, pdb.positions, charges, args.qm, args.pdb, periodic)
+    _warn_charges(system, charges)
+    removed = mmf.remove_qm_terms(mm, topology, system.qm_indices)
+
+    platform, properties = mmf.select_platform(args.device, placement.local_rank, placement.local_size)
+    ev = mmf.OpenMMEvaluator(mm, platform, properties, periodic)
+    threads = f", {properties['Threads']} thread{'s' if properties['Threads'] != '1' else ''}" \
+        if "Threads" in properties else ""
+    nb = (f"PME, cutoff {ev.cutoff_nm * 10:g} A" if periodic and ev.cutoff_nm else "no cutoff (cluster)")
+    text = (f"platform {ev.platform}{threads}, {source}, pdb {Path(args.pdb).name}: {system.n_atoms} atoms, "
+            f"{system.n_qm} QM ({removed.summary()}), {nb}")
+    return ev, system, text
+
+
+def _system_from_pdb(topology, positions, charges, qm, source, periodic):
+    """The QM/MM system (atom order, QM selection) from the PDB alone, for ``--qm`` without ``--system``."""
+    import numpy as np
+    from ase import Atoms
+    from openmm import unit
+
+    from .system import QMMMSystem
+
+    atoms = Atoms(symbols=[a.element.symbol for a in topology.atoms()],
+                  positions=np.asarray(positions.value_in_unit(unit.angstrom)))
+    if periodic:
+        atoms.set_cell(np.asarray(topology.getPeriodicBoxVectors().value_in_unit(unit.angstrom)))
+        atoms.pbc = True
+    atoms.set_array("mm_charge", charges)
+    atoms.set_array("molecule", np.array([a.residue.index for a in topology.atoms()], dtype=np.int64))
+    return QMMMSystem.from_atoms(atoms, qm=qm, source=str(source))
+
+
+def _warn_charges(system, charges) -> None:
+    """One warning line when the model's MM charges differ from the force field's."""
+    import numpy as np
+
+    diff = np.abs(system.mm_charges - charges[system.mm_indices])
+    if diff.size and diff.max() > 1e-4:
+        k = int(np.argmax(diff))
+        _log(f"warning: {int(np.sum(diff > 1e-4))} MM charges of {system.source} differ from the force field's, e.g. "
+             f"atom {int(system.mm_indices[k])}: {system.mm_charges[k]:.4f} vs {charges[system.mm_indices[k]]:.4f} e; "
+             "the model then sees other charges than the MM electrostatics uses")
+
+
+def _serve(args, placement, tag, state):
+    from .ipi_client import ConnectionLost, IPIClient, ProtocolError, connect
+    from .mm_forcefield import NonFiniteMM
+
+    address = socket_address(args)
+    ev, system, text = build(args, placement)
+    _log(f"{placement.label()}, {text}, socket {address}")
+
+    sock = connect(address, args.connect_timeout)
+    client = state["client"] = IPIClient(sock, ev, system)
+    try:
+        client.serve()
+        return EXIT_OK, "i-PI sent EXIT"
+    except (ConnectionLost, ProtocolError) as err:
+        _log(f"error: {tag}{err}")
+        return EXIT_CONNECTION, "connection lost"
+    except NonFiniteMM as err:
+        _log(f"error: {tag}{err}; nothing was sent to i-PI for this request")
+        return EXIT_NONFINITE, "stopped by a non-finite result"
+    except InputError as err:
+        _log(f"error: {tag}{err}")
+        return EXIT_INPUT, "stopped by an input error"
+    finally:
+        try:
+            sock.shutdown(2)
+        except OSError:
+            pass
+        sock.close()
