@@ -21,6 +21,7 @@ COMMANDS = {
     "label": ("qmmm_driver.labelling", "reference energies, forces and charges with PySCF (electrostatic embedding)"),
     "train": ("qmmm_driver.training.command", "train the model on labelled frames (TOML config)"),
     "evaluate": ("qmmm_driver.evaluation", "errors of a model on labelled frames"),
+    "launch": ("qmmm_driver.launch", "start i-PI and all its workers for an input, with progress and clean shutdown"),
 }
 
 

@@ -1,0 +1,65 @@
+"""Umbrella restraint on ``xi = d(A-B) - d(A-C)`` as an i-PI in-process potential (``<ffdirect pes='custom'>``).
+
+Used as a bias, so that i-PI reports it apart from the physical potential::
+
+    <ffdirect name='umbrella-0'>
+      <pes>custom</pes>
+      <pes_path>/path/to/qmmm_driver/umbrella.py</pes_path>
+      <parameters>{atoms: 0 4 5, xi0: -1.0, k: 5.0}</parameters>
+    </ffdirect>
+    ...
+    <ensemble> <bias> <force forcefield='umbrella-0'/> </bias> </ensemble>
+
+``atoms`` are the 0-based indices of A, B and C (for the SN2 example: C, Cl1,
+Cl2); ``xi0`` is in Angstrom and ``k`` in eV/A^2 (bias ``k/2 (xi - xi0)^2``).
+The extras carry ``xi`` (A) so that ``extras_bias`` trajectories record the
+reaction coordinate at every stride. i-PI's positions are in Bohr, energies in
+Hartree: the conversion happens here, at the edge.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from ipi.pes.dummy import Dummy_driver
+
+from qmmm_driver.units import ANGSTROM_TO_BOHR, BOHR, EV_TO_HARTREE
+
+__DRIVER_NAME__ = "qmmm_umbrella"
+__DRIVER_CLASS__ = "DistanceDifferenceUmbrella"
+
+
+def xi_and_gradient(pos: np.ndarray, a: int, b: int, c: int) -> tuple[float, np.ndarray]:
+    """``xi = |r_b - r_a| - |r_c - r_a|`` and its gradient with respect to all positions."""
+    ab, ac = pos[b] - pos[a], pos[c] - pos[a]
+    dab, dac = np.linalg.norm(ab), np.linalg.norm(ac)
+    grad = np.zeros_like(pos)
+    grad[b] += ab / dab
+    grad[a] -= ab / dab
+    grad[c] -= ac / dac
+    grad[a] += ac / dac
+    return dab - dac, grad
+
+
+class DistanceDifferenceUmbrella(Dummy_driver):
+    """Harmonic restraint ``k/2 (xi - xi0)^2`` on a difference of two distances."""
+
+    def __init__(self, atoms="0 4 5", xi0=0.0, k=5.0, *args, **kwargs):
+        kwargs.pop("verbosity", None)
+        try:
+            self.a, self.b, self.c = (int(x) for x in str(atoms).replace(",", " ").split())
+        except ValueError as err:
+            raise ValueError(f"umbrella: 'atoms' must be three indices A B C, got '{atoms}'") from err
+        self.xi0 = float(xi0) * ANGSTROM_TO_BOHR
+        self.k = float(k) * EV_TO_HARTREE * BOHR**2  # eV/A^2 -> Hartree/Bohr^2
+        super().__init__(*args, **kwargs)
+
+    def compute_structure(self, cell, pos):
+        pos = np.asarray(pos).reshape(-1, 3)
+        xi, grad = xi_and_gradient(pos, self.a, self.b, self.c)
+        dev = xi - self.xi0
+        energy = 0.5 * self.k * dev * dev
+        forces = -self.k * dev * grad
+        extras = json.dumps({"xi": xi / ANGSTROM_TO_BOHR, "xi0": self.xi0 / ANGSTROM_TO_BOHR})
+        return energy, forces, np.zeros((3, 3)), extras
