@@ -18,6 +18,7 @@ An example directory holds ``example.toml``::
     system = "system.extxyz"
     pdb = "system.pdb"
     forcefield = ["amber14/tip3p.xml"]   # OpenMM names, files of the example, or of qmmm_driver/data
+    mm_options = []                      # extra options of `qmmm-driver mm` (e.g. ["--cutoff", "8"])
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Example:
     system: Path
     pdb: Path
     forcefield: list[str] = field(default_factory=list)
+    mm_options: list[str] = field(default_factory=list)
 
     @classmethod
     def read(cls, root: Path) -> "Example":
@@ -84,7 +86,8 @@ class Example:
                 raise InputError(f"{spec}: {key} file {path} does not exist")
             paths[key] = path.resolve()
         forcefield = [resolve_forcefield(name, root) for name in data.get("forcefield", ["amber14/tip3p.xml"])]
-        return cls(root=root.resolve(), forcefield=forcefield, **paths)
+        mm_options = [str(x) for x in data.get("mm_options", [])]
+        return cls(root=root.resolve(), forcefield=forcefield, mm_options=mm_options, **paths)
 
 
 def resolve_forcefield(name: str, root: Path) -> str:
@@ -141,10 +144,10 @@ def prepare_input(source: Path, target: Path, tag: str) -> tuple[list[Socket], d
 
 
 def last_step(run_dir: Path, files: list[str]) -> int | None:
-    """Largest step written so far to i-PI's properties files (replica files included)."""
+    """Largest step written so far to i-PI's properties files (REMD replica files included)."""
     best = None
     for base in files:
-        for path in run_dir.glob(base + "*"):
+        for path in run_dir.glob(f"*{base}*"):
             column = None
             last = None
             try:
@@ -245,7 +248,7 @@ def worker_commands(sock: Socket, example: Example, args) -> list[tuple[str, lis
     base = [sys.executable, "-m", "qmmm_driver.cli"]
     if sock.is_mm:
         cmd = base + ["mm", "--pdb", str(example.pdb), "--system", str(example.system), "--unix", sock.address,
-                      "--forcefield", *example.forcefield]
+                      *example.mm_options, "--forcefield", *example.forcefield]
         return [(f"{sock.name}-mm{k}", cmd, None) for k in range(args.mm_workers)]
     cmd = ["run", "--model", str(example.model), "--system", str(example.system), "--unix", sock.address,
            "--device", args.device, "--dtype", args.dtype]

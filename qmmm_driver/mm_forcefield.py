@@ -106,8 +106,11 @@ def create_system(topology, forcefield_files=None, serialized=None, periodic: bo
         forcefield = app.ForceField(*files)
     except Exception as err:
         raise MMSetupError(f"cannot read force field {' '.join(files)}: {err}") from err
-    if switch_A is not None and switch_A > 0 and not 0 < switch_A < cutoff_A:
-        raise MMSetupError(f"switch distance {switch_A} A must lie between 0 and the cutoff {cutoff_A} A")
+    if not cutoff_A > 0:
+        raise MMSetupError(f"cutoff {cutoff_A} A must be positive")
+    if switch_A and not 0 < switch_A < cutoff_A:
+        raise MMSetupError(f"switch distance {switch_A} A must lie between 0 and the cutoff {cutoff_A} A "
+                           "(0: no switch)")
     kwargs = dict(constraints=None, rigidWater=False, removeCMMotion=False)
     if periodic:
         kwargs.update(nonbondedMethod=app.PME, nonbondedCutoff=cutoff_A / 10.0 * unit.nanometer)
@@ -137,8 +140,8 @@ def check_flexible(system, topology, source: str) -> None:
 
 # --------------------------------------------------------------------------- removing what the model gives
 
-#: bonded forces: (number of atoms per term, getter, how to switch a term off)
 def _bonded_table():
+    """Bonded force types: (atoms per term, count method, getter, how to switch a term off or None)."""
     import openmm
 
     return {
@@ -252,19 +255,22 @@ def _strip_nonbonded(force, topology, qm_mask, qm, out: Removed) -> None:
         if qm_mask[atom]:
             raise MMSetupError(f"NonbondedForce has a parameter offset on QM {atom_label(topology, atom)}; "
                                "QM charges must stay zero")
-    for i in qm:
-        charge, sigma, epsilon = force.getParticleParameters(i)
-        force.setParticleParameters(i, 0.0, sigma, epsilon)
-        out.charges += 1
+    for i in range(force.getNumExceptionParameterOffsets()):
+        a, b = force.getExceptionParameters(force.getExceptionParameterOffset(i)[1])[:2]
+        if qm_mask[a] or qm_mask[b]:
+            raise MMSetupError(f"NonbondedForce has a parameter offset on an exception of QM "
+                               f"{atom_label(topology, a if qm_mask[a] else b)}; QM-QM pairs must stay removed")
     for k in range(force.getNumExceptions()):
-        a, b, _, sigma, _ = force.getExceptionParameters(k)
-        if qm_mask[a] and qm_mask[b]:
-            force.setExceptionParameters(k, a, b, 0.0, sigma, 0.0)
-        elif qm_mask[a] or qm_mask[b]:
+        a, b = force.getExceptionParameters(k)[:2]
+        if qm_mask[a] != qm_mask[b]:
             raise _spans_error(topology, f"NonbondedForce exception {k} (a 1-2, 1-3 or 1-4 pair)", (a, b), qm_mask)
+    for i in qm:
+        _, sigma, epsilon = force.getParticleParameters(i)
+        force.setParticleParameters(i, 0.0, sigma, epsilon)  # QM-MM Lennard-Jones stays
+        out.charges += 1
     for x, a in enumerate(qm):
         for b in qm[x + 1:]:
-            force.addException(a, b, 0.0, 0.1, 0.0, replace=True)
+            force.addException(a, b, 0.0, 0.1, 0.0, replace=True)  # no QM-QM pair at all
             out.qm_pairs += 1
     force.setUseDispersionCorrection(False)
 

@@ -60,7 +60,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="i-PI's sockets_prefix for unix sockets (default: %(default)s)")
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help=f"{DEVICES}: OpenMM's CUDA platform where there is one (GPU local_rank %% n_gpus), "
-                             "the CPU platform otherwise; reference = double-precision validation (default: %(default)s)")
+                             "the CPU platform otherwise; reference = double-precision validation "
+                             "(default: %(default)s)")
     parser.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
                         help="keep retrying to connect for S seconds while i-PI is not up (default: %(default)s)")
 
@@ -102,8 +103,6 @@ def build(args, placement):
         raise InputError("--cutoff and --switch-distance go with --forcefield; a serialized System has its own")
     cutoff = mmf.DEFAULT_CUTOFF_A if args.cutoff is None else args.cutoff
     switch = mmf.DEFAULT_SWITCH_A if args.switch_distance is None else args.switch_distance
-    if not cutoff > 0:
-        raise InputError(f"--cutoff {cutoff} must be positive (Angstrom)")
     if args.system is None and args.qm is None:
         raise InputError("give the QM atoms: --system FRAME.extxyz (its 'qm' array) or --qm '0-2'")
 

@@ -145,6 +145,16 @@ class Sampler:
             self.nb.setParticleParameters(a, q, sigma, eps)
         self.nb.updateParametersInContext(self.sim.context)
 
+    def write_system(self, directory: Path) -> dict:
+        """Write the current configuration as the system files of an i-PI run (``MMSetup.write``)."""
+        import dataclasses
+
+        from openmm import unit
+
+        state = self.sim.context.getState(getPositions=True, enforcePeriodicBox=True)
+        pos = np.array(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+        return dataclasses.replace(self.setup, positions=pos).write(directory)
+
     def run(self, ps: float) -> None:
         self.sim.step(max(1, int(round(ps / self.dt_ps))))
 
@@ -193,9 +203,6 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("--frames must be at least 1")
     noise = args.qm_noise if args.qm_noise is not None else (0.05 if args.system == "water" else 0.0)
     setup = build_setup(args.system, box_A=args.box, seed=args.seed, ion=args.ion)
-    if args.system_dir is not None:
-        written = setup.write(args.system_dir)
-        print(f"wrote {written['pdb']} and {written['extxyz']}")
     sampler = Sampler(setup, args.temperature, args.dt, args.seed, r_on, r_off, args.threads, args.ion)
     if args.system == "sn2":
         windows = parse_windows(args.windows)
@@ -205,6 +212,10 @@ def main(args: argparse.Namespace) -> int:
         windows, per_window = [None], [args.frames]
     label = "ion" if args.ion else "bulk"
     sampler.minimize()
+    if args.system_dir is not None:  # an equilibrated start for i-PI and OpenMM
+        sampler.run(args.equilibrate)
+        written = sampler.write_system(args.system_dir)
+        print(f"wrote {written['pdb']} and {written['extxyz']}")
     bar = tqdm(total=args.frames, desc=f"sampling {args.system}", unit="frame")
     time_ps = 0.0
     for xi0, count in zip(windows, per_window):

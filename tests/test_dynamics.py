@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SMALL_MM_ARGS, finish_run, read_ipi_properties, start_mm_worker
+from conftest import SMALL_MM_ARGS, finish_run, read_ipi_bin, read_ipi_properties, start_mm_worker
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "inputs"
 ALL_TEMPLATES = ("md-nvt.xml", "nve.xml", "pimd.xml", "remd.xml", "pimd-remd.xml", "hremd.xml")
@@ -33,11 +33,12 @@ def run_dir(tmp_path, small_box, small_model_file) -> Path:
 
 
 def derive(template: str, procs, *, steps: int, nbeads: int | None = None, replicas: int | None = None,
-           exchange_stride: float | None = None, verbosity: str | None = None) -> tuple[str, dict[str, str]]:
+           exchange_stride: float | None = None, verbosity: str | None = None,
+           outputs: tuple[str, ...] = ()) -> tuple[str, dict[str, str]]:
     """The template as XML text for a short test run, and ``{ffsocket name: unique address}``.
 
     Every output is written at every step (checkpoints too); ``replicas`` keeps the first instances
-    of a ``<system_template>``.
+    of a ``<system_template>``; ``outputs`` are extra XML elements for ``<output>``.
     """
     root = ET.parse(TEMPLATES / template).getroot()
     root.find("total_steps").text = f" {steps} "
@@ -46,6 +47,8 @@ def derive(template: str, procs, *, steps: int, nbeads: int | None = None, repli
         root.set("verbosity", verbosity)
     for out in root.find("output"):
         out.set("stride", "1")
+    for extra in outputs:
+        root.find("output").append(ET.fromstring(extra))
     sockets = {}
     for ff in root.iter("ffsocket"):
         sockets[ff.get("name")] = ff.find("address").text = procs.socket_name()
@@ -61,7 +64,7 @@ def derive(template: str, procs, *, steps: int, nbeads: int | None = None, repli
     return ET.tostring(root, encoding="unicode"), sockets
 
 
-def start_workers(procs, sockets: dict[str, str]) -> list:
+def start_workers(procs, sockets: dict[str, str], model_args=()) -> list:
     """One worker per ffsocket, by the naming convention; returns them once each is about to connect."""
     workers = []
     for name, address in sockets.items():
@@ -70,14 +73,14 @@ def start_workers(procs, sockets: dict[str, str]) -> list:
                                                    "--unix", address, *SMALL_MM_ARGS], log=f"{name}.log"))
         else:
             workers.append(procs.start_worker(["--model", "model.pt", "--system", "system.extxyz",
-                                               "--unix", address], log=f"{name}.log"))
+                                               "--unix", address, *model_args], log=f"{name}.log"))
     for w in workers:
         procs.wait_log(w, r"socket unix:", timeout=90)
     return workers
 
 
-def run(procs, xml: str, sockets: dict[str, str], name: str = "input.xml", timeout: float = 120.0):
-    workers = start_workers(procs, sockets)
+def run(procs, xml: str, sockets: dict[str, str], name: str = "input.xml", timeout: float = 120.0, model_args=()):
+    workers = start_workers(procs, sockets, model_args)
     ipi = procs.start_ipi(xml, name)
     finish_run(procs, ipi, workers, timeout=timeout)
     return ipi, workers
@@ -92,23 +95,28 @@ def steps_of(path: Path) -> list[int]:
 
 
 def test_templates_follow_the_conventions():
-    """Every template: unix ffsockets 'qmmm*' (model) and 'mm*' (OpenMM), both in every system's forces,
-    system.extxyz, properties, positions, the dipole from the model's extras, a checkpoint, 0.25-0.5 fs."""
+    """Every template: unix ffsockets 'qmmm*' (model) and 'mm*' (OpenMM), all used by every system,
+    system.extxyz, properties, positions, the QM dipole from the model's extras, a checkpoint, 0.25-0.5 fs."""
     for name in ALL_TEMPLATES:
         root = ET.parse(TEMPLATES / name).getroot()
         ffs = {ff.get("name"): ff for ff in root.iter("ffsocket")}
         assert all(ff.get("mode") == "unix" for ff in ffs.values()), name
         assert any(n.startswith("mm") for n in ffs) and any(not n.startswith("mm") for n in ffs), name
-        forces = [f.get("forcefield") for f in root.iter("force")]
-        assert set(forces) == set(ffs), name
+        systems = list(root.iter("system"))
+        assert len(systems) == 1, name  # one system, or one template for all replicas
+        used = [f.get("forcefield") for f in systems[0].iter("force")]
+        assert sorted(used) == sorted(ffs), name
         assert [f.text.strip() for f in root.iter("file")] == ["system.extxyz"], name
         out = root.find("output")
         assert out.find("properties") is not None and out.find("checkpoint") is not None, name
         traj = {t.text.strip(): t for t in out.findall("trajectory")}
-        assert "positions" in traj and traj["extras_component_raw(0)"].get("extra_type") == "dipole", name
-        assert forces[0] == "qmmm", name  # extras of force 0: the model at coupling 1
-        dt = float(root.find(".//timestep").text)
-        assert root.find(".//timestep").get("units") == "femtosecond" and 0.25 <= dt <= 0.5, name
+        assert "positions" in traj, name
+        dipole = traj.get("extras_component_raw(0)", traj.get("extras_bias"))
+        assert dipole is not None and dipole.get("extra_type") == "dipole", name
+        if "extras_component_raw(0)" in traj:  # extras of force 0: the model
+            assert not systems[0].find("forces/force").get("forcefield").startswith("mm"), name
+        dt = root.find(".//timestep")
+        assert dt.get("units") == "femtosecond" and 0.25 <= float(dt.text) <= 0.5, name
 
 
 def test_templates_load_in_ipi(tmp_path, small_box, small_model_file):
@@ -131,14 +139,15 @@ def test_templates_load_in_ipi(tmp_path, small_box, small_model_file):
 
 
 def test_pimd_runs_and_restarts(procs, tmp_path, small_box, small_model_file):
-    """pimd.xml with 4 beads: 3 steps, then `i-pi RESTART` continues the step counter and appends the outputs."""
+    """pimd.xml with 4 beads: 3 steps, then i-PI restarted from the checkpoint continues the step counter
+    and appends to the outputs."""
     run_dir(tmp_path, small_box, small_model_file)
     xml, sockets = derive("pimd.xml", procs, steps=3, nbeads=4)
     run(procs, xml, sockets)
     out = tmp_path / "simulation.out"
     assert steps_of(out) == [0, 1, 2, 3]
     props = read_ipi_properties(out)
-    assert np.all(np.isfinite(props["conserved"])) and np.all(props["spring"] > 0)
+    assert np.all(np.isfinite(props["conserved"])) and props["spring"][-1] > props["spring"][0]  # beads spread
     dipole = (tmp_path / "simulation.dipole").read_text()
     assert len(re.findall(r"#EXTRAS_COMPONENT_RAW\(dipole\)# Step:\s+\d+", dipole)) == 4
     rows = dipole.split("#EXTRAS_COMPONENT_RAW(dipole)#")[1].strip().splitlines()[1:]
@@ -147,13 +156,16 @@ def test_pimd_runs_and_restarts(procs, tmp_path, small_box, small_model_file):
     first_xc = (tmp_path / "simulation.xc.extxyz").read_text().count("Lattice=")
     assert first_xc == 4
 
-    restart = (tmp_path / "RESTART").read_text()
+    # i-PI's final RESTART and the template's checkpoint (stride 1 here) both hold step 3; restart from the latter
+    assert re.search(r"<step>\s*3\s*</step>", (tmp_path / "RESTART").read_text())
+    restart = (tmp_path / "simulation.chk").read_text()
     assert re.search(r"<step>\s*3\s*</step>", restart), restart[:2000]
     restart = re.sub(r"<total_steps>\s*\d+\s*</total_steps>", "<total_steps>6</total_steps>", restart)
-    run(procs, restart, sockets, name="RESTART")
+    run(procs, restart, sockets, name="restart.xml")
     assert steps_of(out) == [0, 1, 2, 3, 4, 5, 6]  # continued and appended, no second header
     assert (tmp_path / "simulation.xc.extxyz").read_text().count("Lattice=") == 7
-    assert not list(tmp_path.glob("#simulation*"))  # nothing was backed up: outputs were appended to
+    backups = [p.name for p in tmp_path.glob("#simulation*") if not p.name.startswith("#simulation.chk")]
+    assert not backups  # properties and trajectories were appended to, not backed up and restarted
     t = read_ipi_properties(out)["time"]
     assert np.allclose(np.diff(t), t[1] - t[0])  # the time runs on without a jump
 
@@ -174,23 +186,56 @@ def test_remd_attempts_exchanges(procs, tmp_path, small_box, small_model_file):
 
 
 def test_hremd_samples_one_coupling_per_replica(procs, tmp_path, small_box, small_model_file):
-    """hremd.xml with 2 replicas: each samples model(coupling of its weights) + MM; exchanges are attempted."""
+    """hremd.xml (4 replicas, 3 steps): each replica feels MM + the model at the coupling its bias weights
+    select (checked against the model evaluated independently at every coupling); exchanges are attempted."""
+    import torch
+
+    from ipi.utils.units import unit_to_internal
+
+    from qmmm_driver.evaluator import Evaluator
+    from qmmm_driver.model.io import load_model
+    from qmmm_driver.system import QMMMSystem
+
     run_dir(tmp_path, small_box, small_model_file)
-    xml, sockets = derive("hremd.xml", procs, steps=2, replicas=2, exchange_stride=1, verbosity="high")
-    ipi, workers = run(procs, xml, sockets, timeout=150)
+    full = ("<trajectory filename='q' stride='1' format='bin' cell_units='atomic_unit'> positions{atomic_unit} "
+            "</trajectory>")
+    xml, sockets = derive("hremd.xml", procs, steps=3, exchange_stride=1, verbosity="high", outputs=(full,))
+    assert list(sockets) == ["qmmm", "qmmm_075", "qmmm_050", "qmmm_025", "mm"]
+    ipi, workers = run(procs, xml, sockets, timeout=150, model_args=("--dtype", "float64"))
     log = procs.log(ipi)
-    assert re.search(r"@ PT:\s+(SWAPPING replicas|SWAP REJECTED BETWEEN replicas)", log), log[-3000:]
-    for k in (0, 1):
+    attempts = re.findall(r"@ PT:\s+(SWAPPING replicas|SWAP REJECTED BETWEEN replicas)", log)
+    assert attempts, log[-3000:]
+
+    # the couplings move with the accepted exchanges: remd_idx line "s p0 p1 .." (after step s) gives
+    # replica i the weights of coupling p_i from step s + 1 on
+    perm = np.tile(np.arange(4), (4, 1))  # [step, replica] -> coupling index
+    for line in (tmp_path / "simulation.remd_idx").read_text().split("\n"):
+        if line.strip():
+            step, *p = (int(v) for v in line.split())
+            perm[step + 1:] = p
+    active = np.stack([np.argmax(np.loadtxt(tmp_path / f"replica_{k}_simulation.out", ndmin=2)[:, 7:11], axis=1)
+                       for k in range(4)], axis=1)
+    np.testing.assert_array_equal(active, perm)
+
+    system = QMMMSystem.read(small_box["extxyz"])
+    ev = Evaluator(load_model(small_model_file), system, "cpu", torch.float64)
+    couplings = (1.0, 0.75, 0.5, 0.25)
+    for k in range(4):
         columns = np.loadtxt(tmp_path / f"replica_{k}_simulation.out", ndmin=2)
-        potential, bias = columns[:, 5], columns[:, 6]
-        weights, components = columns[:, 7:11], columns[:, 11:16]
-        assert np.all(weights.sum(axis=1) == 1)
-        active = np.argmax(weights, axis=1)
-        sampled = components[np.arange(len(active)), active] + components[:, 4]  # model(coupling) + MM
-        np.testing.assert_allclose(potential + bias, sampled, rtol=0, atol=1e-6)
-        np.testing.assert_allclose(potential, components.sum(axis=1), rtol=0, atol=1e-6)
-        assert weights[0, k] == 1  # replica k starts with the k-th coupling (1.0, 0.75, ...)
-    # the couplings really differ: component energies at one configuration are all distinct
-    assert len(set(np.round(components[0, :4], 8))) == 4
+        bias = unit_to_internal("energy", "electronvolt", columns[:, 6])  # ensemble_bias, in i-PI's own eV
+        weights = columns[:, 7:11]  # bweights_component(0-3)
+        assert np.all(weights.sum(axis=1) == 1) and weights[0, k] == 1  # replica k starts at the k-th coupling
+        frames = read_ipi_bin(tmp_path / f"replica_{k}_simulation.q_0.bin")
+        q = np.stack([f[1] for f in frames])
+        cells = np.stack([f[0].T for f in frames])
+        energies = []
+        for c in couplings:
+            ev.coupling = c
+            energies.append(ev.compute(q, cells).energy)
+        energies = np.stack(energies, axis=1)  # [step, coupling], Hartree
+        expected = energies[np.arange(len(q)), np.argmax(weights, axis=1)]
+        np.testing.assert_allclose(bias, expected, rtol=1e-8)
+        assert np.min(np.abs(np.diff(energies, axis=1))) > 50 * 1e-8 * np.abs(energies).max()  # couplings differ
+    print(f"\nHREMD exchange attempts: {len(attempts)} ({sum(a.startswith('SWAPPING') for a in attempts)} accepted)")
     served = {name: procs.log(w) for name, w in zip(sockets, workers)}
     assert all("i-PI sent EXIT" in text for text in served.values()), served

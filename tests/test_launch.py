@@ -1,0 +1,140 @@
+"""`qmmm-driver launch`: one command runs i-PI and its workers, shows progress, and cleans up
+after the end of the run, Ctrl-C, or a killed worker, leaving the outputs and a checkpoint."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL_MM_ARGS, read_ipi_properties
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "inputs"
+LAUNCH = [sys.executable, "-m", "qmmm_driver.cli", "launch"]
+
+
+@pytest.fixture
+def example(tmp_path, small_box, small_model_file):
+    d = tmp_path / "example"
+    d.mkdir()
+    mm = [a for a in SMALL_MM_ARGS if a not in ("--forcefield", "amber14/tip3p.xml")]
+    (d / "example.toml").write_text(
+        f'model = "{small_model_file}"\nsystem = "{small_box["extxyz"]}"\npdb = "{small_box["pdb"]}"\n'
+        f'forcefield = ["amber14/tip3p.xml"]\nmm_options = {mm!r}\n'.replace("'", '"'))
+    return d
+
+
+def short_input(tmp_path, template: str, steps: int) -> Path:
+    root = ET.parse(TEMPLATES / template).getroot()
+    root.find("total_steps").text = f" {steps} "
+    for out in root.find("output"):
+        out.set("stride", "1")
+    path = tmp_path / template
+    ET.ElementTree(root).write(path)
+    return path
+
+
+def steps_done(run_dir: Path) -> list[int]:
+    out = run_dir / "simulation.out"
+    if not out.exists() or "column" not in out.read_text():
+        return []
+    try:
+        return [int(s) for s in read_ipi_properties(out)["step"]]
+    except (ValueError, KeyError):
+        return []
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    """Processes and socket files of this run still around."""
+    tags = set(re.findall(r"qd[0-9a-f]{8}-\w+", " ".join(p.read_text() for p in run_dir.glob("*input.xml"))))
+    alive = subprocess.run(["pgrep", "-af", str(run_dir)], capture_output=True, text=True).stdout.splitlines()
+    alive += [line for t in tags for line in
+              subprocess.run(["pgrep", "-af", t], capture_output=True, text=True).stdout.splitlines()]
+    sockets = [str(p) for t in tags for p in Path("/tmp").glob(f"ipi_{t}")]
+    return [line for line in alive if "pgrep" not in line] + sockets
+
+
+def wait_for_steps(run_dir: Path, n: int, proc, timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(steps_done(run_dir)) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {n} steps in {timeout} s")
+
+
+def start(args, **kw):
+    return subprocess.Popen(LAUNCH + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def test_launch_runs_to_the_end_and_cleans_up(tmp_path, example):
+    run_dir = tmp_path / "run"
+    res = subprocess.run(LAUNCH + [str(short_input(tmp_path, "md-nvt.xml", 4)), "--example", str(example),
+                                   "--run-dir", str(run_dir), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert steps_done(run_dir) == [0, 1, 2, 3, 4]
+    assert "running md-nvt.xml on example" in res.stderr
+    assert leftovers(run_dir) == []
+    # the workers saw i-PI's EXIT
+    assert "served" in (run_dir / "qmmm-w0.log").read_text()
+
+
+def test_ctrl_c_stops_softly_and_restart_continues(tmp_path, example):
+    run_dir = tmp_path / "run"
+    proc = start([short_input(tmp_path, "md-nvt.xml", 100000), "--example", example, "--run-dir", run_dir,
+                  "--no-progress"])
+    wait_for_steps(run_dir, 3, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted" in err
+    done = steps_done(run_dir)
+    restart = (run_dir / "RESTART").read_text()
+    step = int(re.search(r"<step>\s*(\d+)\s*</step>", restart).group(1))
+    assert step >= 2 and done[-1] >= step - 1
+    assert leftovers(run_dir) == []
+    # continue two more steps from the checkpoint
+    (run_dir / "RESTART").write_text(re.sub(r"<total_steps>\s*\d+\s*</total_steps>",
+                                            f"<total_steps>{step + 2}</total_steps>", restart))
+    res = subprocess.run(LAUNCH + ["--restart", "--example", str(example), "--run-dir", str(run_dir),
+                                   "--no-progress", str(TEMPLATES / "md-nvt.xml")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = steps_done(run_dir)
+    assert after[-1] == step + 2 and after[:len(done)] == done
+    assert leftovers(run_dir) == []
+
+
+def test_killed_worker_stops_the_run_cleanly(tmp_path, example):
+    run_dir = tmp_path / "run"
+    proc = start([short_input(tmp_path, "md-nvt.xml", 100000), "--example", example, "--run-dir", run_dir,
+                  "--no-progress"])
+    wait_for_steps(run_dir, 2, proc)
+    address = re.search(r"qd[0-9a-f]{8}-qmmm", (run_dir / "input.xml").read_text()).group(0)
+    pids = subprocess.run(["pgrep", "-f", f"run .*--unix {address}"], capture_output=True, text=True).stdout.split()
+    assert pids
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err[-3000:]
+    assert re.search(r"worker qmmm-w0 exited with code -9", err)
+    assert "continue with --restart" in err
+    assert (run_dir / "RESTART").exists() and len(steps_done(run_dir)) >= 2
+    assert leftovers(run_dir) == []
+
+
+def test_launch_refuses_bad_input(tmp_path, example):
+    res = subprocess.run(LAUNCH + [str(tmp_path / "missing.xml"), "--example", str(example)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "missing.xml does not exist" in res.stderr
+    res = subprocess.run(LAUNCH + [str(TEMPLATES / "md-nvt.xml"), "--example", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "has no example.toml" in res.stderr
