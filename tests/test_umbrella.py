@@ -1,0 +1,75 @@
+"""The umbrella restraint used by the SN2 free-energy example: exact forces, and it biases i-PI runs."""
+
+import numpy as np
+import pytest
+
+from qmmm_driver.umbrella import DistanceDifferenceUmbrella, xi_and_gradient
+from qmmm_driver.units import ANGSTROM_TO_BOHR, HARTREE
+
+
+
+def test_forces_are_minus_gradient():
+    rng = np.random.default_rng(0)
+    pos = rng.normal(size=(6, 3)) * 3.0
+    pes = DistanceDifferenceUmbrella(atoms="0 4 5", xi0=-0.7, k=3.0, verbosity=0)
+    e, f, vir, extras = pes.compute_structure(np.eye(3), pos)
+    h = 1e-6
+    for a in (0, 4, 5, 2):
+        for c in range(3):
+            p, m = pos.copy(), pos.copy()
+            p[a, c] += h
+            m[a, c] -= h
+            fd = -(pes.compute_structure(None, p)[0] - pes.compute_structure(None, m)[0]) / (2 * h)
+            assert fd == pytest.approx(f[a, c], abs=1e-9)
+    xi, _ = xi_and_gradient(pos, 0, 4, 5)
+    assert e == pytest.approx(0.5 * 3.0 / HARTREE / ANGSTROM_TO_BOHR**2 * (xi - (-0.7) * ANGSTROM_TO_BOHR) ** 2)
+    assert '"xi"' in extras and np.all(f[[1, 2, 3]] == 0)
+
+
+def test_bad_atoms_are_refused():
+    with pytest.raises(ValueError, match="three indices"):
+        DistanceDifferenceUmbrella(atoms="0 4")
+
+
+def test_umbrella_biases_an_ipi_run(procs, tmp_path, small_box, small_model_file):
+    """An i-PI run with the model, OpenMM and an umbrella <ffdirect> bias on d(O-H1) - d(O-H2)
+    of the QM water: i-PI's ensemble_bias equals k/2 (xi - xi0)^2 of the recorded positions."""
+    from pathlib import Path
+
+    from conftest import SMALL_MM_ARGS, start_mm_worker
+
+    umbrella = Path(__file__).resolve().parents[1] / "qmmm_driver" / "umbrella.py"
+    for name, target in (("system.extxyz", small_box["extxyz"]), ("system.pdb", small_box["pdb"]),
+                         ("model.pt", small_model_file)):
+        (tmp_path / name).symlink_to(target)
+    xml = f"""<simulation verbosity='low'>
+  <output prefix='sim'>
+    <properties stride='1' filename='out'> [ step, ensemble_bias{{electronvolt}}, atom_x{{angstrom}}(atom=0),
+      atom_x{{angstrom}}(atom=1), atom_x{{angstrom}}(atom=2) ] </properties>
+  </output>
+  <total_steps> 4 </total_steps>
+  <ffsocket name='qmmm' mode='unix' pbc='false'> <address>QMMM</address> </ffsocket>
+  <ffsocket name='mm' mode='unix' pbc='false'> <address>MM</address> </ffsocket>
+  <ffdirect name='umbrella' pbc='false'> <pes>custom</pes> <pes_path>{umbrella}</pes_path>
+    <parameters>{{atoms: 0 1 2, xi0: 0.2, k: 4.0}}</parameters> </ffdirect>
+  <system>
+    <initialize nbeads='1'> <file mode='ase'> system.extxyz </file>
+      <velocities mode='thermal' units='kelvin'> 300 </velocities> </initialize>
+    <forces> <force forcefield='qmmm'/> <force forcefield='mm'/> </forces>
+    <ensemble> <temperature units='kelvin'> 300 </temperature> <bias> <force forcefield='umbrella'/> </bias> </ensemble>
+    <motion mode='dynamics'> <dynamics mode='nvt'> <timestep units='femtosecond'> 0.5 </timestep>
+      <thermostat mode='langevin'> <tau units='femtosecond'> 100 </tau> </thermostat> </dynamics> </motion>
+  </system>
+</simulation>"""
+    qmmm, mm = procs.socket_name(), procs.socket_name()
+    xml = xml.replace("<address>QMMM</address>", f"<address>{qmmm}</address>")
+    ipi = procs.start_ipi(xml.replace("<address>MM</address>", f"<address>{mm}</address>"))
+    procs.wait_socket(qmmm, ipi)
+    procs.start_worker(["--model", "model.pt", "--system", "system.extxyz", "--unix", qmmm], log="w.log")
+    start_mm_worker(procs, ["--pdb", "system.pdb", "--system", "system.extxyz", "--unix", mm, *SMALL_MM_ARGS])
+    assert procs.finish(ipi, timeout=180) == 0, procs.log(ipi)[-3000:]
+    props = np.loadtxt(tmp_path / "sim.out", ndmin=2)
+    o, h1, h2 = props[:, 2:5], props[:, 5:8], props[:, 8:11]
+    xi = np.linalg.norm(h1 - o, axis=1) - np.linalg.norm(h2 - o, axis=1)
+    assert np.allclose(props[:, 1], 0.5 * 4.0 * (xi - 0.2) ** 2, rtol=1e-4, atol=1e-7)
+    assert props[:, 1].max() > 1e-3  # the bias is active
