@@ -126,6 +126,24 @@ class Frame:
         return frame
 
 
+def _uncompressed(path: Path):
+    """``path`` itself, or the decompressed text of a .xz/.gz/.bz2 file in memory.
+
+    ASE reads compressed files too, but seeks through them frame by frame, which
+    costs minutes for a thousand frames; decompressing once costs a second.
+    """
+    import bz2
+    import gzip
+    import io
+    import lzma
+
+    opener = {".xz": lzma.open, ".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix)
+    if opener is None:
+        return path
+    with opener(path, "rt") as fh:
+        return io.StringIO(fh.read())
+
+
 def read_frames(path: str | Path, index: str = ":", require_labels: bool = False) -> list[Frame]:
     """Read frames of the exchange format; errors name the file and frame."""
     import ase.io
@@ -134,7 +152,7 @@ def read_frames(path: str | Path, index: str = ":", require_labels: bool = False
     if not path.is_file():
         raise FrameError(f"frame file {path} does not exist")
     try:
-        images = ase.io.read(path, index=index, format="extxyz")
+        images = ase.io.read(_uncompressed(path), index=index, format="extxyz")
     except Exception as err:
         raise FrameError(f"cannot read {path} as extended XYZ: {err}") from err
     if not isinstance(images, list):
