@@ -11,7 +11,8 @@ population scheme); the dipole is taken about the QM centre of mass.
 
 Runs are resumable: each labelled frame is appended to the output with its
 ``source_index``; frames whose SCF fails are reported, listed in
-``OUTPUT.failed.json`` and skipped.
+``OUTPUT.failed.json`` and skipped. ``--spread`` labels in a fixed shuffled
+order, so that a run stopped early leaves an unbiased subset.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conv-tol", type=float, default=1e-10, help="SCF energy convergence, Hartree (default 1e-10)")
     parser.add_argument("--threads", type=int, default=None, help="PySCF threads (default: all cores)")
     parser.add_argument("--limit", type=int, default=None, help="label at most this many new frames")
+    parser.add_argument("--spread", action="store_true",
+                        help="label frames in a fixed shuffled order, so that an unfinished run is an unbiased "
+                             "subset of the file (e.g. covers every umbrella window); resuming keeps the order")
     parser.add_argument("--decimals", type=int, default=6,
                         help="decimals of per-atom numbers in the output (default 6: 1e-6 A, e, eV/A)")
 
@@ -146,7 +150,7 @@ def completed_indices(out: Path) -> set[int]:
 
 def label_file(source: Path, out: Path, xc: str = "b3lyp", basis: str = "6-31+g*", density_fit: bool = True,
                conv_tol: float = 1e-10, limit: int | None = None, decimals: int = 6,
-               progress: bool = True) -> tuple[int, int]:
+               progress: bool = True, spread: bool = False) -> tuple[int, int]:
     """Label the frames of ``source`` not yet in ``out``. Returns (labelled, failed) counts of this run."""
     from tqdm import tqdm
 
@@ -154,7 +158,8 @@ def label_file(source: Path, out: Path, xc: str = "b3lyp", basis: str = "6-31+g*
     failed_log = out.with_name(out.name + ".failed.json")
     failed = {int(k): v for k, v in json.loads(failed_log.read_text()).items()} if failed_log.exists() else {}
     done = completed_indices(out)
-    todo = [i for i in range(len(frames)) if i not in done and i not in failed]
+    order = np.random.default_rng(0).permutation(len(frames)) if spread else range(len(frames))
+    todo = [int(i) for i in order if i not in done and i not in failed]
     if limit is not None:
         todo = todo[:limit]
     n_ok = n_bad = 0
@@ -181,6 +186,6 @@ def main(args: argparse.Namespace) -> int:
     if args.out.resolve() == args.frames.resolve():
         raise InputError("--out must differ from the input frames")
     n_ok, n_bad = label_file(args.frames, args.out, args.xc, args.basis, not args.no_density_fit,
-                             args.conv_tol, args.limit, args.decimals)
+                             args.conv_tol, args.limit, args.decimals, spread=args.spread)
     print(f"labelled {n_ok} frames into {args.out}; {n_bad} failed")
     return 0

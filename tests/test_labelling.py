@@ -71,3 +71,23 @@ def test_resume_torn_file_and_failed_frames(tmp_path):
     done = read_frames(out, require_labels=True)
     assert sorted(f.info["source_index"] for f in done) == [0, 2, 3]
     assert label_file(source, out, progress=False) == (0, 0)
+
+
+def test_spread_order_is_a_fixed_permutation(tmp_path, monkeypatch):
+    """--spread labels a reproducible shuffled subset first, and resuming completes the rest."""
+    import qmmm_driver.labelling as lab
+
+    def fake(frame, *args, **kwargs):  # the order is under test here, not PySCF
+        out = Frame(numbers=frame.numbers, positions=frame.positions, qm=frame.qm, mm_charge=frame.mm_charge,
+                    energy=-1.0, forces=np.zeros_like(frame.positions))
+        return out
+
+    monkeypatch.setattr(lab, "label_frame", fake)
+    source = tmp_path / "in.extxyz"
+    write_frames(source, [small_frame(n_mm=1, seed=s) for s in range(6)])
+    out = tmp_path / "out.extxyz"
+    assert label_file(source, out, limit=3, progress=False, spread=True) == (3, 0)
+    first = [f.info["source_index"] for f in read_frames(out)]
+    assert first == np.random.default_rng(0).permutation(6)[:3].tolist() and first != [0, 1, 2]
+    assert label_file(source, out, progress=False, spread=True) == (3, 0)
+    assert sorted(f.info["source_index"] for f in read_frames(out)) == list(range(6))
