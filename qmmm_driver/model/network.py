@@ -92,7 +92,10 @@ class QMMMModel(torch.nn.Module):
         edge_sh = o3.spherical_harmonics(list(range(s.lmax + 1)), vec[edge], normalize=True,
                                          normalization="component")
         edge_basis = self.basis(r[edge])
-        lr_weight = 1.0 - switch(r, s.lr_switch_on, s.lr_switch_off)
+        # long-range QM pairs: only those beyond lr_switch_on carry weight (none in a small QM region)
+        far = torch.nonzero(r.detach() > s.lr_switch_on, as_tuple=True)[0] if s.long_range else edge[:0]
+        lr_i, lr_j = pi[far], pj[far]
+        lr_weight = 1.0 - switch(r[far], s.lr_switch_on, s.lr_switch_off)
 
         # Taylor tensors of the MM potential at every QM atom
         t_mm = mm_taylor_tensors(qm_pos, qm_frame, mm_pos, mm_charge, mm_frame, n_frames, self.K,
@@ -104,10 +107,10 @@ class QMMMModel(torch.nn.Module):
         h = torch.cat([self.embed(onehot)[:, :, None], h[:, :, 1:]], dim=2)
         for layer, block in enumerate(self.blocks):
             env = t_mm
-            if s.long_range:
+            if far.numel():
                 q_layer = self._neutralise(self.layer_charges[layer](h[:, :, 0]).squeeze(-1), qm_frame,
                                            total_charge, count, n_frames)
-                env = env + taylor_tensors(qm_pos, qm_pos, q_layer, pi, pj, self.K, lr_weight)
+                env = env + taylor_tensors(qm_pos, qm_pos, q_layer, lr_i, lr_j, self.K, lr_weight)
             h = block(h, edge_src, edge_dst, edge_sh, edge_basis, env * inv_scale, self.avg_neighbors)
 
         scalars = h[:, :, 0]
