@@ -291,7 +291,7 @@ def force_field_charges(system) -> np.ndarray:
 # --------------------------------------------------------------------------- platform
 
 
-def select_platform(spec: str, local_rank: int = 0, local_size: int = 1):
+def select_platform(spec: str, local_rank: int = 0, threads: int = 0):
     """OpenMM platform and properties for ``--device``: ``auto``, ``cpu``, ``reference``, ``cuda`` or ``cuda:N``.
 
     ``auto`` takes CUDA when OpenMM has the platform and a GPU is present
@@ -304,7 +304,7 @@ def select_platform(spec: str, local_rank: int = 0, local_size: int = 1):
 
     spec = (spec or "auto").strip().lower()
     names = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
-    cpu = ("CPU", {"Threads": str(threads_per_worker(local_size))})
+    cpu = ("CPU", {"Threads": str(threads_per_worker(threads))})
     if spec == "reference":
         return "Reference", {}
     if spec == "cpu" or (spec == "auto" and "CUDA" not in names):

@@ -58,6 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, metavar="N", help="inet port of i-PI (with --address)")
     parser.add_argument("--socket-prefix", default="/tmp/ipi_", metavar="PREFIX",
                         help="i-PI's sockets_prefix for unix sockets (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="CPU threads (default: OMP_NUM_THREADS if set, else 1)")
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help=f"{DEVICES}: OpenMM's CUDA platform where there is one (GPU local_rank %% n_gpus), "
                              "the CPU platform otherwise; reference = double-precision validation "
@@ -134,7 +136,7 @@ def build(args, placement):
     _warn_charges(system, charges)
     removed = mmf.remove_qm_terms(mm, topology, system.qm_indices)
 
-    platform, properties = mmf.select_platform(args.device, placement.local_rank, placement.local_size)
+    platform, properties = mmf.select_platform(args.device, placement.local_rank, args.threads)
     ev = mmf.OpenMMEvaluator(mm, platform, properties, periodic)
     threads = f", {properties['Threads']} thread{'s' if properties['Threads'] != '1' else ''}" \
         if "Threads" in properties else ""

@@ -129,26 +129,31 @@ def select_device(spec: str, local_rank: int = 0):
     raise DeviceError(f"--device {spec}: use auto, cpu, cuda or cuda:N")
 
 
-def threads_per_worker(local_size: int, environ=None) -> int:
-    """CPU threads for one of ``local_size`` workers sharing a node.
+def threads_per_worker(requested: int = 0, environ=None) -> int:
+    """CPU threads of one worker: ``--threads`` if given, else ``OMP_NUM_THREADS``, else 1.
 
-    ``max(1, cpu_count // local_size)``, unless ``OMP_NUM_THREADS`` is set to a
-    positive integer: an explicit choice of the user (or of the batch system)
-    wins, e.g. on nodes whose cores are shared with other programs.
+    One thread is the default because a worker shares its node's cores with
+    i-PI, the other workers and the MM engine: with the small QM regions of
+    QM/MM, extra threads mostly spin-wait, and on a shared 2-core machine two
+    threads per worker made each evaluation about 5 times slower than one
+    (benchmarks/ipi_pimd.py). Give more threads for large MM environments on
+    dedicated cores.
     """
+    if requested and requested > 0:
+        return int(requested)
     env = os.environ if environ is None else environ
     explicit = env.get("OMP_NUM_THREADS", "").strip()
     if explicit.isdigit() and int(explicit) > 0:
         return int(explicit)
-    return max(1, (os.cpu_count() or 1) // max(1, local_size))
+    return 1
 
 
-def setup_torch(placement: Placement, device_spec: str = "auto"):
+def setup_torch(placement: Placement, device_spec: str = "auto", threads: int = 0):
     """Pick the device and set torch's thread count; returns ``(device, n_threads)``."""
     import torch
 
     device = select_device(device_spec, placement.local_rank)
-    n_threads = threads_per_worker(placement.local_size)
+    n_threads = threads_per_worker(threads)
     torch.set_num_threads(n_threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -3,8 +3,7 @@
 Under ``mpirun``/``mpiexec`` every rank is an independent worker that connects
 to the same i-PI address; i-PI hands each one whole structures (beads,
 replicas). Ranks are spread over the GPUs of their node by node-local rank;
-each uses ``cpu_count // workers on the node`` torch threads, or
-``OMP_NUM_THREADS`` when that is set.
+each uses ``--threads`` CPU threads (default: ``OMP_NUM_THREADS`` when set, else 1).
 
 Exit status: 0 after i-PI's EXIT; 2 for input a user can fix (files, selection,
 model, socket address, INIT parameters, atom count); 3 when i-PI goes away
@@ -41,6 +40,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="i-PI's sockets_prefix for unix sockets (default: %(default)s)")
     parser.add_argument("--qm", metavar="SELECTION",
                         help="QM atoms as 0-based indices and ranges, e.g. '0-5,9' (overrides the 'qm' array)")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="CPU threads (default: OMP_NUM_THREADS if set, else 1: the cores are shared with "
+                             "i-PI and other workers; raise it for large MM environments on dedicated cores)")
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help="auto, cpu, cuda or cuda:N; auto and cuda use GPU local_rank %% n_gpus "
                              "(default: %(default)s)")
@@ -114,7 +116,7 @@ def _serve(args, placement, tag, state):
     from .model.io import load_model
     from .parallel import setup_torch
 
-    device, n_threads = setup_torch(placement, args.device)
+    device, n_threads = setup_torch(placement, args.device, args.threads)
     model = load_model(args.model, device)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     ev = Evaluator(model, system, device, dtype, coupling=args.coupling)

@@ -38,12 +38,10 @@ def test_placement_from_launcher_variables():
 
 
 def test_threads_per_worker():
-    n = os.cpu_count() or 1
-    assert threads_per_worker(1, {}) == n
-    assert threads_per_worker(n + 5, {}) == 1
-    assert threads_per_worker(2, {}) == max(1, n // 2)
-    assert threads_per_worker(4, {"OMP_NUM_THREADS": "3"}) == 3  # an explicit choice wins
-    assert threads_per_worker(1, {"OMP_NUM_THREADS": "junk"}) == n
+    assert threads_per_worker(0, {}) == 1
+    assert threads_per_worker(0, {"OMP_NUM_THREADS": "3"}) == 3  # the environment's choice
+    assert threads_per_worker(2, {"OMP_NUM_THREADS": "3"}) == 2  # --threads wins
+    assert threads_per_worker(0, {"OMP_NUM_THREADS": "junk"}) == 1
 
 
 def test_select_device(monkeypatch):
