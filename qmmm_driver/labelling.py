@@ -89,8 +89,14 @@ def reference_string(xc: str, basis: str, density_fit: bool) -> str:
 
 
 def label_frame(frame: Frame, xc: str = "b3lyp", basis: str = "6-31+g*", density_fit: bool = True,
-                conv_tol: float = 1e-10) -> Frame:
-    """Return a copy of ``frame`` with energy, forces on all atoms, IAO charges and dipole."""
+                conv_tol: float = 1e-10, guess: np.ndarray | None = None) -> Frame:
+    """Return a copy of ``frame`` with energy, forces on all atoms, IAO charges and dipole.
+
+    ``guess`` is a density matrix to start the SCF from (the previous frame's,
+    when consecutive frames are similar); it changes the cost, not the result.
+    The converged density matrix is attached to the returned frame as
+    ``density`` (not written to files) for use as the next guess.
+    """
     from pyscf import gto
 
     qm, mm = frame.qm_indices, frame.mm_indices
@@ -103,7 +109,8 @@ def label_frame(frame: Frame, xc: str = "b3lyp", basis: str = "6-31+g*", density
                          f"{frame.qm_multiplicity}, basis {basis}): {err}") from err
     coords, charges = frame.positions[mm], frame.mm_charge[mm]
     mf = _scf(mol, xc, density_fit, coords, charges, conv_tol)
-    energy = mf.kernel()
+    usable = guess is not None and np.shape(guess)[-1] == mol.nao
+    energy = mf.kernel(dm0=guess) if usable else mf.kernel()
     if not mf.converged:
         mf = mf.newton()
         energy = mf.kernel()
@@ -125,10 +132,12 @@ def label_frame(frame: Frame, xc: str = "b3lyp", basis: str = "6-31+g*", density
     qm_charges = np.zeros(len(frame.numbers))
     qm_charges[qm] = iao_charges(mf)
     info = dict(frame.info, reference=reference_string(xc, basis, density_fit), qm_charges_scheme="iao")
-    return Frame(numbers=frame.numbers.copy(), positions=frame.positions.copy(), qm=frame.qm.copy(),
-                 mm_charge=frame.mm_charge.copy(), qm_total_charge=frame.qm_total_charge,
-                 qm_multiplicity=frame.qm_multiplicity, cell=frame.cell, energy=float(energy),
-                 forces=forces, qm_charges=qm_charges, dipole=dipole, info=info)
+    labelled = Frame(numbers=frame.numbers.copy(), positions=frame.positions.copy(), qm=frame.qm.copy(),
+                     mm_charge=frame.mm_charge.copy(), qm_total_charge=frame.qm_total_charge,
+                     qm_multiplicity=frame.qm_multiplicity, cell=frame.cell, energy=float(energy),
+                     forces=forces, qm_charges=qm_charges, dipole=dipole, info=info)
+    labelled.density = mf.make_rdm1()
+    return labelled
 
 
 def completed_indices(out: Path) -> set[int]:
@@ -164,9 +173,10 @@ def label_file(source: Path, out: Path, xc: str = "b3lyp", basis: str = "6-31+g*
         todo = todo[:limit]
     n_ok = n_bad = 0
     bar = tqdm(todo, desc=f"labelling {source.name}", unit="frame", disable=not progress)
+    guess = None
     for i in bar:
         try:
-            labelled = label_frame(frames[i], xc, basis, density_fit, conv_tol)
+            labelled = label_frame(frames[i], xc, basis, density_fit, conv_tol, guess)
         except LabelError as err:
             failed[i] = str(err)
             failed_log.write_text(json.dumps(failed, indent=1))
@@ -174,6 +184,7 @@ def label_file(source: Path, out: Path, xc: str = "b3lyp", basis: str = "6-31+g*
             n_bad += 1
             continue
         labelled.info["source_index"] = i
+        guess = labelled.density
         write_frames(out, [labelled], append=True, decimals=decimals)
         n_ok += 1
     return n_ok, n_bad
