@@ -80,6 +80,7 @@ def test_spread_order_is_a_fixed_permutation(tmp_path, monkeypatch):
     def fake(frame, *args, **kwargs):  # the order is under test here, not PySCF
         out = Frame(numbers=frame.numbers, positions=frame.positions, qm=frame.qm, mm_charge=frame.mm_charge,
                     energy=-1.0, forces=np.zeros_like(frame.positions))
+        out.density = None
         return out
 
     monkeypatch.setattr(lab, "label_frame", fake)
