@@ -10,7 +10,7 @@ from .evaluator import Evaluator
 from .model import QMMMModel
 from .model.io import load_model
 from .system import QMMMSystem
-from .units import ANGSTROM_TO_BOHR, BOHR, E_BOHR_TO_E_ANGSTROM, HARTREE, HARTREE_PER_BOHR_TO_EV_PER_A
+from .units import ANGSTROM_TO_BOHR, E_BOHR_TO_E_ANGSTROM, HARTREE, HARTREE_PER_BOHR_TO_EV_PER_A
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

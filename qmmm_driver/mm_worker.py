@@ -21,12 +21,10 @@ OpenMM result.
 from __future__ import annotations
 
 import argparse
-import signal
-import sys
 from pathlib import Path
 
 from .errors import InputError
-from .worker import EXIT_CONNECTION, EXIT_INPUT, EXIT_NONFINITE, EXIT_OK, _on_sigterm, socket_address
+from .worker import log
 
 DEVICES = "auto, cpu, reference, cuda or cuda:N"
 
@@ -68,36 +66,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="keep retrying to connect for S seconds while i-PI is not up (default: %(default)s)")
 
 
-def _log(text: str) -> None:
-    print(f"qmmm-driver mm: {text}", file=sys.stderr, flush=True)
 
 
 def main(args) -> int:
-    from .parallel import detect_placement
+    from .worker import serve_ipi
 
-    placement = detect_placement()
-    tag = f"[rank {placement.rank}/{placement.size}] " if placement.size > 1 else ""
-    try:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:
-        pass
-    state = {"client": None}
-    code, outcome = EXIT_INPUT, "interrupted"
-    try:
-        code, outcome = _serve(args, placement, tag, state)
-    except InputError as err:
-        _log(f"error: {tag}{err}")
-        code, outcome = EXIT_INPUT, "stopped by an input error"
-    finally:
-        client = state["client"]
-        served = client.structures if client is not None else 0
-        requests = client.requests if client is not None else 0
-        _log(f"{tag}served {served} structures in {requests} requests; {outcome}")
-    return code
+    return serve_ipi("mm", args, build)
 
 
 def build(args, placement):
-    """``(OpenMMEvaluator, QMMMSystem, description)`` from the arguments."""
+    """The OpenMM evaluator for ``qmmm-driver mm`` (see :func:`qmmm_driver.worker.serve_ipi`)."""
     from . import mm_forcefield as mmf
     from .system import QMMMSystem
 
@@ -143,7 +121,7 @@ def build(args, placement):
     nb = (f"PME, cutoff {ev.cutoff_nm * 10:g} A" if periodic and ev.cutoff_nm else "no cutoff (cluster)")
     text = (f"platform {ev.platform}{threads}, {source}, pdb {Path(args.pdb).name}: {system.n_atoms} atoms, "
             f"{system.n_qm} QM ({removed.summary()}), {nb}")
-    return ev, system, text
+    return ev, system, text, 1.0, mmf.NonFiniteMM
 
 
 def _system_from_pdb(topology, positions, charges, qm, source, periodic):
@@ -171,36 +149,6 @@ def _warn_charges(system, charges) -> None:
     diff = np.abs(system.mm_charges - charges[system.mm_indices])
     if diff.size and diff.max() > 1e-4:
         k = int(np.argmax(diff))
-        _log(f"warning: {int(np.sum(diff > 1e-4))} MM charges of {system.source} differ from the force field's, e.g. "
+        log("mm", f"warning: {int(np.sum(diff > 1e-4))} MM charges of {system.source} differ from the force field's, e.g. "
              f"atom {int(system.mm_indices[k])}: {system.mm_charges[k]:.4f} vs {charges[system.mm_indices[k]]:.4f} e; "
              "the model then sees other charges than the MM electrostatics uses")
-
-
-def _serve(args, placement, tag, state):
-    from .ipi_client import ConnectionLost, IPIClient, ProtocolError, connect
-    from .mm_forcefield import NonFiniteMM
-
-    address = socket_address(args)
-    ev, system, text = build(args, placement)
-    _log(f"{placement.label()}, {text}, socket {address}")
-
-    sock = connect(address, args.connect_timeout)
-    client = state["client"] = IPIClient(sock, ev, system)
-    try:
-        client.serve()
-        return EXIT_OK, "i-PI sent EXIT"
-    except (ConnectionLost, ProtocolError) as err:
-        _log(f"error: {tag}{err}")
-        return EXIT_CONNECTION, "connection lost"
-    except NonFiniteMM as err:
-        _log(f"error: {tag}{err}; nothing was sent to i-PI for this request")
-        return EXIT_NONFINITE, "stopped by a non-finite result"
-    except InputError as err:
-        _log(f"error: {tag}{err}")
-        return EXIT_INPUT, "stopped by an input error"
-    finally:
-        try:
-            sock.shutdown(2)
-        except OSError:
-            pass
-        sock.close()

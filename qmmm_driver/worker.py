@@ -68,15 +68,23 @@ def socket_address(args):
     return SocketAddress.inet(args.address, args.port)
 
 
-def _log(text: str) -> None:
-    print(f"qmmm-driver run: {text}", file=sys.stderr, flush=True)
+def log(command: str, text: str) -> None:
+    print(f"qmmm-driver {command}: {text}", file=sys.stderr, flush=True)
 
 
 def _on_sigterm(signum, _frame):
     raise SystemExit(128 + signum)
 
 
-def main(args) -> int:
+def serve_ipi(command: str, args, build) -> int:
+    """The main of a worker command: build the evaluator, serve i-PI, report, return the exit status.
+
+    ``build(args, placement)`` returns ``(evaluator, system, description,
+    coupling, nonfinite_error)``: the exception type the evaluator raises for a
+    non-finite result. One line is logged at the start and one at the exit,
+    whatever the outcome.
+    """
+    from .ipi_client import ConnectionLost, IPIClient, ProtocolError, connect
     from .parallel import detect_placement
 
     placement = detect_placement()
@@ -85,34 +93,52 @@ def main(args) -> int:
         signal.signal(signal.SIGTERM, _on_sigterm)  # so that the exit line is still written
     except ValueError:  # not the main thread (embedded use)
         pass
-    state = {"client": None}
+    client = None
     code, outcome = EXIT_INPUT, "interrupted"
     try:
-        code, outcome = _serve(args, placement, tag, state)
+        address = socket_address(args)
+        ev, system, text, coupling, nonfinite = build(args, placement)
+        log(command, f"{placement.label()}, {text}, socket {address}")
+        sock = connect(address, args.connect_timeout)
+        client = IPIClient(sock, ev, system, coupling=coupling)
+        try:
+            client.serve()
+            code, outcome = EXIT_OK, "i-PI sent EXIT"
+        except (ConnectionLost, ProtocolError) as err:
+            log(command, f"error: {tag}{err}")
+            code, outcome = EXIT_CONNECTION, "connection lost"
+        except nonfinite as err:
+            log(command, f"error: {tag}{err}; nothing was sent to i-PI for this request. Check the structure "
+                         "(atoms too close?) and that the model covers it")
+            code, outcome = EXIT_NONFINITE, "stopped by a non-finite result"
+        finally:
+            try:
+                sock.shutdown(2)
+            except OSError:
+                pass
+            sock.close()
     except InputError as err:
-        _log(f"error: {tag}{err}")
+        log(command, f"error: {tag}{err}")
         code, outcome = EXIT_INPUT, "stopped by an input error"
     finally:
-        client = state["client"]
         served = client.structures if client is not None else 0
         requests = client.requests if client is not None else 0
-        _log(f"{tag}served {served} structures in {requests} requests; {outcome}")
+        log(command, f"{tag}served {served} structures in {requests} requests; {outcome}")
     return code
 
 
-def _serve(args, placement, tag, state):
+def build(args, placement):
+    """The model evaluator for ``qmmm-driver run`` (see :func:`serve_ipi`)."""
     from .system import QMMMSystem
 
     # cheap checks first: a wrong file or selection is reported before torch is even imported
     if not float("-inf") < args.coupling < float("inf"):
         raise InputError(f"--coupling {args.coupling} must be a finite number")
-    address = socket_address(args)
     system = QMMMSystem.read(args.system, qm=args.qm)
 
     import torch
 
     from .evaluator import Evaluator, NonFiniteResult
-    from .ipi_client import ConnectionLost, IPIClient, ProtocolError, connect
     from .model.io import load_model
     from .parallel import setup_torch
 
@@ -120,32 +146,12 @@ def _serve(args, placement, tag, state):
     model = load_model(args.model, device)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     ev = Evaluator(model, system, device, dtype, coupling=args.coupling)
+    text = (f"device {device} ({args.dtype}, {n_threads} CPU thread{'s' if n_threads > 1 else ''}), "
+            f"model {Path(args.model).name} ({' '.join(model.elements)}), "
+            f"system {Path(system.source).name}: {system.n_atoms} atoms, {system.n_qm} QM, "
+            f"{'periodic' if system.periodic else 'cluster'}")
+    return ev, system, text, args.coupling, NonFiniteResult
 
-    _log(
-        f"{placement.label()}, device {device} ({args.dtype}, {n_threads} CPU thread{'s' if n_threads > 1 else ''}), "
-        f"model {Path(args.model).name} ({' '.join(model.elements)}), "
-        f"system {Path(system.source).name}: {system.n_atoms} atoms, {system.n_qm} QM, "
-        f"{'periodic' if system.periodic else 'cluster'}, socket {address}"
-    )
 
-    sock = connect(address, args.connect_timeout)
-    client = state["client"] = IPIClient(sock, ev, system, coupling=args.coupling)
-    try:
-        client.serve()
-        return EXIT_OK, "i-PI sent EXIT"
-    except (ConnectionLost, ProtocolError) as err:
-        _log(f"error: {tag}{err}")
-        return EXIT_CONNECTION, "connection lost"
-    except NonFiniteResult as err:
-        _log(f"error: {tag}{err}; nothing was sent to i-PI for this request. Check the structure "
-             f"(atoms too close?) and that the model covers it")
-        return EXIT_NONFINITE, "stopped by a non-finite result"
-    except InputError as err:
-        _log(f"error: {tag}{err}")
-        return EXIT_INPUT, "stopped by an input error"
-    finally:
-        try:
-            sock.shutdown(2)
-        except OSError:
-            pass
-        sock.close()
+def main(args) -> int:
+    return serve_ipi("run", args, build)

@@ -237,7 +237,7 @@ def test_cluster_equals_numpy_reference(boxes, tmp_path, name):
     setup, _ = boxes[name]
     pdb, extxyz, modeller = write_cluster(setup, 6.0, tmp_path)
     ff = setup.forcefield_files
-    ev, system, text = mm_worker.build(worker_args("--pdb", pdb, "--forcefield", *ff, "--system", extxyz,
+    ev, system, text, *_ = mm_worker.build(worker_args("--pdb", pdb, "--forcefield", *ff, "--system", extxyz,
                                                    "--device", "reference"), Placement())
     assert "no cutoff" in text and system.n_qm == len(setup.qm_indices)
     from openmm import app, unit
@@ -264,7 +264,7 @@ def test_cluster_equals_numpy_reference(boxes, tmp_path, name):
     print(f"  the removed QM terms (QM charges, QM-QM pairs and bonded terms) amount to {e_full - e_ref:+.4f} Ha")
     assert abs(e_full - e_ref) > 1e-3
 
-    cpu, _, _ = mm_worker.build(worker_args("--pdb", pdb, "--forcefield", *ff, "--system", extxyz,
+    cpu, *_ = mm_worker.build(worker_args("--pdb", pdb, "--forcefield", *ff, "--system", extxyz,
                                             "--device", "cpu"), Placement())
     rc = cpu.compute(pos[None])
     print(f"  CPU platform vs reference: |dE| = {abs(rc.energy[0] - e_ref):.2e} Ha, "
@@ -278,7 +278,7 @@ def test_periodic_equals_mm_only_plus_qm_mm_lj(boxes, name):
     """PME box: worker = OpenMM on the MM atoms alone + numpy QM-MM Lennard-Jones (minimum image, switch)."""
     setup, files = boxes[name]
     ff = setup.forcefield_files
-    ev, system, text = mm_worker.build(worker_args("--pdb", files["pdb"], "--forcefield", *ff, "--system",
+    ev, system, text, *_ = mm_worker.build(worker_args("--pdb", files["pdb"], "--forcefield", *ff, "--system",
                                                    files["extxyz"], "--device", "reference", "--cutoff", CUTOFF_A,
                                                    "--switch-distance", SWITCH_A), Placement())
     assert "PME, cutoff 7 A" in text
@@ -311,7 +311,7 @@ def test_periodic_equals_mm_only_plus_qm_mm_lj(boxes, name):
     xml = files["pdb"].parent / "system.xml"
     xml.write_text(openmm.XmlSerializer.serialize(
         mmf.create_system(pdb.topology, ff, None, True, CUTOFF_A, SWITCH_A)))
-    ev2, _, _ = mm_worker.build(worker_args("--pdb", files["pdb"], "--serialized", xml, "--system", files["extxyz"],
+    ev2, *_ = mm_worker.build(worker_args("--pdb", files["pdb"], "--serialized", xml, "--system", files["extxyz"],
                                             "--device", "reference"), Placement())
     r2 = ev2.compute(pos[None], cell[None])
     assert abs(r2.energy[0] - res.energy[0]) < 1e-10 and np.abs(r2.forces - res.forces).max() < 1e-10
@@ -470,7 +470,7 @@ def test_error_coupling_sent_to_mm_worker(small_box):
     from qmmm_driver.ipi_client import INIT, IPIClient
     from qmmm_driver.mm_forcefield import MMSetupError
 
-    ev, system, _ = mm_worker.build(worker_args("--pdb", small_box["pdb"], "--system", small_box["extxyz"],
+    ev, system, *_ = mm_worker.build(worker_args("--pdb", small_box["pdb"], "--system", small_box["extxyz"],
                                                 *SMALL_MM_ARGS), Placement())
     a, b = socket.socketpair()
     out = {}

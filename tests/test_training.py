@@ -6,10 +6,9 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from qmmm_driver.frames import Frame, write_frames
-from qmmm_driver.model.io import load_model, save_model
+from qmmm_driver.model.io import save_model
 from qmmm_driver.training.data import collate
 from qmmm_driver.training.loss import predict
 
