@@ -24,7 +24,7 @@ import argparse
 from pathlib import Path
 
 from .errors import InputError
-from .worker import log
+from .worker import add_connection_arguments, log
 
 DEVICES = "auto, cpu, reference, cuda or cuda:N"
 
@@ -49,21 +49,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--switch-distance", type=float, default=None, metavar="A",
                         help="Lennard-Jones switch start in Angstrom, 0 for none, with --forcefield "
                              f"(default {DEFAULT_SWITCH_A:g})")
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--unix", metavar="NAME",
-                       help="unix socket name, i-PI's <address> (connects to SOCKET_PREFIX + NAME)")
-    where.add_argument("--address", metavar="HOST", help="inet host of i-PI (with --port)")
-    parser.add_argument("--port", type=int, metavar="N", help="inet port of i-PI (with --address)")
-    parser.add_argument("--socket-prefix", default="/tmp/ipi_", metavar="PREFIX",
-                        help="i-PI's sockets_prefix for unix sockets (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=0, metavar="N",
-                        help="CPU threads (default: OMP_NUM_THREADS if set, else 1)")
+    add_connection_arguments(parser)
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help=f"{DEVICES}: OpenMM's CUDA platform where there is one (GPU local_rank %% n_gpus), "
                              "the CPU platform otherwise; reference = double-precision validation "
                              "(default: %(default)s)")
-    parser.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
-                        help="keep retrying to connect for S seconds while i-PI is not up (default: %(default)s)")
 
 
 

@@ -31,6 +31,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="MODEL", help="model file written by qmmm-driver")
     parser.add_argument("--system", required=True, metavar="FRAME.extxyz",
                         help="extended XYZ frame with per-atom 'qm' and 'mm_charge', atoms in i-PI's order")
+    parser.add_argument("--qm", metavar="SELECTION",
+                        help="QM atoms as 0-based indices and ranges, e.g. '0-5,9' (overrides the 'qm' array)")
+    add_connection_arguments(parser)
+    parser.add_argument("--device", default="auto", metavar="DEV",
+                        help="auto, cpu, cuda or cuda:N; auto and cuda use GPU local_rank %% n_gpus "
+                             "(default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="precision of the model (the embedding and energies are float64; default: %(default)s)")
+    parser.add_argument("--coupling", type=float, default=1.0, metavar="X",
+                        help="QM-MM electrostatic coupling (scales all MM charges) unless i-PI's <parameters> "
+                             "set 'coupling' (default: %(default)s)")
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Socket and CPU options shared by the worker commands (``run``, ``mm``)."""
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--unix", metavar="NAME",
                        help="unix socket name, i-PI's <address> (connects to SOCKET_PREFIX + NAME)")
@@ -38,21 +53,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, metavar="N", help="inet port of i-PI (with --address)")
     parser.add_argument("--socket-prefix", default="/tmp/ipi_", metavar="PREFIX",
                         help="i-PI's sockets_prefix for unix sockets (default: %(default)s)")
-    parser.add_argument("--qm", metavar="SELECTION",
-                        help="QM atoms as 0-based indices and ranges, e.g. '0-5,9' (overrides the 'qm' array)")
-    parser.add_argument("--threads", type=int, default=0, metavar="N",
-                        help="CPU threads (default: OMP_NUM_THREADS if set, else 1: the cores are shared with "
-                             "i-PI and other workers; raise it for large MM environments on dedicated cores)")
-    parser.add_argument("--device", default="auto", metavar="DEV",
-                        help="auto, cpu, cuda or cuda:N; auto and cuda use GPU local_rank %% n_gpus "
-                             "(default: %(default)s)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES,
-                        help="precision of the model (the embedding and energies are float64; default: %(default)s)")
     parser.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
                         help="keep retrying to connect for S seconds while i-PI is not up (default: %(default)s)")
-    parser.add_argument("--coupling", type=float, default=1.0, metavar="X",
-                        help="QM-MM electrostatic coupling (scales all MM charges) unless i-PI's <parameters> "
-                             "set 'coupling' (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="CPU threads (default: OMP_NUM_THREADS if set, else 1: the cores are shared with "
+                             "i-PI and other workers; raise it for large systems on dedicated cores)")
 
 
 def socket_address(args):
