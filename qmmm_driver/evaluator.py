@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from torch.profiler import record_function
+
 from .embedding import Embedding, Presented
 from .model import QMMMModel
 from .system import InvalidSystem, QMMMSystem
@@ -73,10 +75,13 @@ def run_model(model: QMMMModel, p: Presented, species: torch.Tensor, total_charg
     origin = p.qm_pos[torch.cumsum(count, 0) - count]  # first QM atom of each frame (frame-major order)
     qm = (p.qm_pos - origin[p.qm_frame]).to(dtype).requires_grad_(True)
     mm = (p.mm_pos - origin[p.mm_frame]).to(dtype).requires_grad_(True)
-    charges = embedding.effective_charges(p, qm, mm) if embedding is not None else p.mm_charge
-    charges = charges.to(dtype) * coupling
-    out = model(species, qm, p.qm_frame, mm, charges, p.mm_frame, total_charge, B)
-    g_qm, g_mm = torch.autograd.grad(out["energy"].sum(), [qm, mm], create_graph=create_graph, allow_unused=True)
+    with record_function("qmmm:forward"):
+        charges = embedding.effective_charges(p, qm, mm) if embedding is not None else p.mm_charge
+        charges = charges.to(dtype) * coupling
+        out = model(species, qm, p.qm_frame, mm, charges, p.mm_frame, total_charge, B)
+    with record_function("qmmm:backward"):
+        g_qm, g_mm = torch.autograd.grad(out["energy"].sum(), [qm, mm], create_graph=create_graph,
+                                         allow_unused=True)
     if g_mm is None:
         g_mm = torch.zeros_like(mm)
     return out, qm, mm, g_qm, g_mm
@@ -115,12 +120,18 @@ class Evaluator:
 
     def compute(self, positions: np.ndarray, cells: np.ndarray | None = None) -> Results:
         """Evaluate frames ``positions`` [B, N, 3] (or [N, 3]) with ``cells`` [B, 3, 3] (Bohr)."""
-        p = self.present(positions, cells)
+        with record_function("qmmm:present"):
+            p = self.present(positions, cells)
         B = p.n_frames
         total = torch.full((B,), self.total_charge, device=self.device)
         out, qm, mm, g_qm, g_mm = run_model(self.model, p, self.species.repeat(B), total, self.dtype,
                                             self.embedding, self.coupling)
-        g_qm, g_mm = g_qm.double(), g_mm.double()
+        with record_function("qmmm:assemble"):
+            return self._assemble(p, out, qm, mm, g_qm.double(), g_mm.double())
+
+    def _assemble(self, p: Presented, out: dict, qm, mm, g_qm, g_mm) -> Results:
+        """Forces on the original atoms, virials and extras, on the host (float64)."""
+        B = p.n_frames
         n = self.system.n_atoms
         forces = torch.zeros(B * n, 3, device=self.device, dtype=torch.float64)
         forces.index_add_(0, p.qm_frame * n + p.qm_atom, -g_qm)

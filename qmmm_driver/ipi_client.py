@@ -26,7 +26,9 @@ from __future__ import annotations
 import errno
 import json
 import socket
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -222,6 +224,15 @@ def parse_init(text: str | bytes) -> InitParameters:
 # --------------------------------------------------------------------------- client
 
 
+def record_function(name: str):
+    """A stage label for torch's profiler (benchmarks/profile_call.py) when torch is loaded, else nothing.
+
+    The MM worker does not load torch and should not have to for this.
+    """
+    profiler = sys.modules.get("torch.profiler")
+    return profiler.record_function(name) if profiler is not None else nullcontext()
+
+
 class IPIClient:
     """Serves one i-PI connection with an :class:`~qmmm_driver.evaluator.Evaluator` (or any object with
     its ``compute``/``coupling`` interface, e.g. :class:`~qmmm_driver.mm_forcefield.OpenMMEvaluator`).
@@ -316,6 +327,13 @@ class IPIClient:
         self.initialised = True
 
     def _on_posdata(self) -> None:
+        with record_function("ipi:read"):
+            cells = self._read_posdata()
+        self._results = self.ev.compute(self._pos, cells)  # NonFiniteResult propagates: nothing is sent
+        self.requests += 1
+        self.structures += self.batch_size
+
+    def _read_posdata(self):
         B = self.batch_size
         head = self._head
         if B == 1:
@@ -331,15 +349,16 @@ class IPIClient:
             self._allocate(B, nat)
             self._recv_into(self._hih_view, "POSDATA cells")
         self._recv_into(self._pos_view, "POSDATA positions")
-        cells = None
-        if self.system.periodic:
-            np.copyto(self._cells, self._hih[:, 0].transpose(0, 2, 1))  # i-PI h has lattice vectors as columns
-            cells = self._cells
-        self._results = self.ev.compute(self._pos, cells)  # NonFiniteResult propagates: nothing is sent
-        self.requests += 1
-        self.structures += B
+        if not self.system.periodic:
+            return None
+        np.copyto(self._cells, self._hih[:, 0].transpose(0, 2, 1))  # i-PI h has lattice vectors as columns
+        return self._cells
 
     def _on_getforce(self) -> None:
+        with record_function("ipi:reply"):
+            self._reply_forces()
+
+    def _reply_forces(self) -> None:
         res = self._results
         if res is None:
             raise ProtocolError("i-PI asked for forces (GETFORCE) before sending positions (POSDATA)")
