@@ -118,3 +118,34 @@ def test_bad_config_is_refused(tmp_path):
     (tmp_path / "cfg.toml").write_text('[data]\nfiles = ["missing.extxyz"]\n')
     res = run_cli("train", tmp_path / "cfg.toml")
     assert res.returncode == 2 and "missing.extxyz does not exist" in res.stderr
+
+
+def test_stage2_switches_loss_weights_and_caps_lr(tmp_path):
+    _, frames = teacher_frames(n=12)
+    write_frames(tmp_path / "frames.extxyz", frames)
+    (tmp_path / "cfg.toml").write_text("""
+[data]
+files = ["frames.extxyz"]
+split = [0.6, 0.2, 0.2]
+[model]
+channels = 4
+lmax = 1
+n_layers = 1
+radial_hidden = 4
+readout_hidden = 4
+[training]
+output = "run"
+epochs = 4
+batch_size = 4
+lr = 0.01
+threads = 1
+[stage2]
+start_epoch = 2
+lr = 0.002
+energy = 1000.0
+""")
+    res = run_cli("train", tmp_path / "cfg.toml")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "epoch 2: stage 2" in res.stdout and "'energy': 1000.0" in res.stdout
+    lrs = [h["lr"] for h in json.loads((tmp_path / "run" / "history.json").read_text())]
+    assert lrs[:2] == [0.01, 0.01] and all(lr <= 0.002 for lr in lrs[2:])

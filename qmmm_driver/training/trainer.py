@@ -31,6 +31,11 @@ The config is a TOML file (paths relative to it, lengths in Angstrom)::
     ema_decay = 0.99                         # exponential moving average of weights (with warm-up)
     max_minutes = 60                         # wall-clock budget
     threads = 0                              # CPU threads (0: torch's default)
+
+    [stage2]                                 # optional: a second stage, e.g. energy-weighted fine tuning
+    start_epoch = 100                        # from this epoch on, these loss weights and learning rate
+    lr = 0.001
+    energy = 1000.0
     device = "auto"                          # auto, cpu, cuda, cuda:N
     dtype = "float32"
     seed = 0
@@ -89,20 +94,41 @@ class DataOptions:
 
 
 @dataclass
+class Stage2:
+    """From ``start_epoch`` on: new loss weights (unset ones kept) and a new learning rate (0 keeps it)."""
+
+    start_epoch: int = 0
+    lr: float = 0.0
+    energy: float | None = None
+    forces: float | None = None
+    mm_forces: float | None = None
+    charges: float | None = None
+    dipole: float | None = None
+
+    def weights(self, base: LossWeights) -> LossWeights:
+        return LossWeights(**{k: (getattr(self, k) if getattr(self, k) is not None else v)
+                              for k, v in base.__dict__.items()})
+
+
+@dataclass
 class TrainConfig:
     data: DataOptions
     model: dict
     loss: LossWeights
     training: TrainingOptions
     base: Path
+    stage2: Stage2 | None = None
 
     def path(self, name: str) -> Path:
         p = Path(name)
         return p if p.is_absolute() else (self.base / p)
 
     def as_dict(self) -> dict:
-        return {"data": self.data.__dict__, "model": self.model, "loss": self.loss.__dict__,
-                "training": self.training.__dict__}
+        out = {"data": self.data.__dict__, "model": self.model, "loss": self.loss.__dict__,
+               "training": self.training.__dict__}
+        if self.stage2 is not None:
+            out["stage2"] = self.stage2.__dict__
+        return out
 
 
 def _section(cls, values: dict, where: str):
@@ -122,9 +148,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"{path} is not valid TOML: {err}") from err
-    unknown = sorted(set(raw) - {"data", "model", "loss", "training"})
+    unknown = sorted(set(raw) - {"data", "model", "loss", "training", "stage2"})
     if unknown:
-        raise InputError(f"{path}: unknown section(s) {unknown}; sections: data, model, loss, training")
+        raise InputError(f"{path}: unknown section(s) {unknown}; sections: data, model, loss, training, stage2")
     training = dict(raw.get("training", {}))
     training.update({k: v for k, v in (overrides or {}).items() if v is not None})
     cfg = TrainConfig(
@@ -133,6 +159,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         loss=_section(LossWeights, raw.get("loss", {}), f"{path} [loss]"),
         training=_section(TrainingOptions, training, f"{path} [training]"),
         base=path.parent,
+        stage2=_section(Stage2, raw["stage2"], f"{path} [stage2]") if "stage2" in raw else None,
     )
     if not cfg.data.files:
         raise InputError(f"{path} [data]: 'files' lists no labelled frames")
@@ -240,13 +267,24 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     bar = tqdm(range(start_epoch, opts.epochs), desc="training", unit="epoch", disable=not progress,
                initial=start_epoch, total=opts.epochs)
     stop_reason = "epochs done"
+    weights = cfg.loss
     for epoch in bar:
+        if cfg.stage2 is not None and epoch >= cfg.stage2.start_epoch and weights is cfg.loss:
+            weights = cfg.stage2.weights(cfg.loss)
+            if cfg.stage2.lr > 0:  # stage 2 caps the learning rate
+                for group in optimizer.param_groups:
+                    group["lr"] = min(group["lr"], cfg.stage2.lr)
+            if best_epoch < cfg.stage2.start_epoch:  # entering stage 2 (not resuming inside it): new loss scale
+                best = math.inf
+                scheduler.best, scheduler.num_bad_epochs = math.inf, 0
+            bar.write(f"epoch {epoch}: stage 2, loss weights {weights.__dict__}, "
+                      f"lr {optimizer.param_groups[0]['lr']:.1e}")
         model.train()
         train_sum, n_batches = 0.0, 0
         for batch in batches(frames, split["train"], opts.batch_size, elements, radius, rng):
             batch = batch.to(device)
             optimizer.zero_grad(set_to_none=True)
-            loss = total_loss(loss_terms(predict(model, batch, create_graph=True), batch), cfg.loss)
+            loss = total_loss(loss_terms(predict(model, batch, create_graph=True), batch), weights)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             optimizer.step()
@@ -260,7 +298,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
         val_metrics, val_loss = Metrics(), 0.0
         for batch in val_batches:
             pred = predict(ema, batch, create_graph=False)
-            val_loss += float(total_loss(loss_terms(pred, batch), cfg.loss))
+            val_loss += float(total_loss(loss_terms(pred, batch), weights).detach())
             val_metrics.update(pred, batch)
         val_loss /= max(len(val_batches), 1)
         scheduler.step(val_loss)
