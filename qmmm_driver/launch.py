@@ -31,13 +31,12 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, read_toml
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_INPUT = REPO / "inputs" / "pimd.xml"
@@ -73,12 +72,7 @@ class Example:
     @classmethod
     def read(cls, root: Path) -> "Example":
         spec = root / "example.toml"
-        if not spec.is_file():
-            raise InputError(f"{root} is not an example directory: it has no example.toml")
-        try:
-            data = tomllib.loads(spec.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise InputError(f"{spec} is not valid TOML: {err}") from err
+        data = read_toml(spec, f"{root} is not an example directory: it has no example.toml")
         paths = {}
         for key in ("model", "system", "pdb"):
             path = root / data.get(key, {"model": "model.pt", "system": "system.extxyz", "pdb": "system.pdb"}[key])

@@ -50,14 +50,13 @@ from __future__ import annotations
 import json
 import math
 import time
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, read_toml
 from ..frames import Frame, read_frames
 from ..model import ModelSettings, QMMMModel
 from ..model.io import save_model
@@ -142,12 +141,7 @@ def _section(cls, values: dict, where: str):
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     """Read and check a training config; ``overrides`` replace ``[training]`` values."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"training config {path} does not exist")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise InputError(f"{path} is not valid TOML: {err}") from err
+    raw = read_toml(path, f"training config {path} does not exist")
     unknown = sorted(set(raw) - {"data", "model", "loss", "training", "stage2"})
     if unknown:
         raise InputError(f"{path}: unknown section(s) {unknown}; sections: data, model, loss, training, stage2")
