@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import uuid
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +22,9 @@ TIP3P = np.array([-0.834, 0.417, 0.417])
 
 # the test models are tiny: one thread is fastest and leaves the other core to i-PI and workers
 torch.set_num_threads(1)
+
+# i-pi, mpiexec and qmmm-driver are console scripts installed beside this python
+os.environ["PATH"] = sysconfig.get_path("scripts") + os.pathsep + os.environ.get("PATH", "")
 
 
 def water_box(n_side: int = 8, spacing: float = 3.25, seed: int = 0, triclinic: bool = False) -> Atoms:
@@ -107,15 +120,6 @@ def tiny_model_file(tmp_path_factory):
 # Used by tests/test_ipi_driver.py and tests/test_worker_errors.py: a real `i-pi`
 # server and real `qmmm-driver run` workers as subprocesses, each in its own
 # session so that everything (including mpiexec's children) is killed at teardown.
-
-import os
-import re
-import signal
-import subprocess
-import sys
-import time
-import uuid
-from pathlib import Path
 
 IPI_PREFIX = "/tmp/ipi_"
 WORKER_CMD = [sys.executable, "-m", "qmmm_driver.cli", "run"]
