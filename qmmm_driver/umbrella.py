@@ -12,6 +12,10 @@ Used as a bias, so that i-PI reports it apart from the physical potential::
 
 ``atoms`` are the 0-based indices of A, B and C (for the SN2 example: C, Cl1,
 Cl2); ``xi0`` is in Angstrom and ``k`` in eV/A^2 (bias ``k/2 (xi - xi0)^2``).
+Optionally ``k_wall`` (eV/A^2) and ``wall`` (A, default 0.3) add a flat-bottom
+collinearity wall ``k_wall/2 max(0, delta - wall)^2`` on ``delta = d(A-B) +
+d(A-C) - d(B-C)`` (zero when B-A-C is straight): xi alone does not stop B and C
+from meeting with A far from both, a region no training frame covers.
 The extras carry ``xi`` (A) so that ``extras_bias`` trajectories record the
 reaction coordinate at every stride. i-PI's positions are in Bohr, energies in
 Hartree: the conversion happens here, at the edge.
@@ -30,22 +34,32 @@ __DRIVER_NAME__ = "qmmm_umbrella"
 __DRIVER_CLASS__ = "DistanceDifferenceUmbrella"
 
 
+def distance_and_gradient(pos: np.ndarray, i: int, j: int) -> tuple[float, np.ndarray]:
+    """``|r_j - r_i|`` and its gradient with respect to all positions."""
+    d = pos[j] - pos[i]
+    r = np.linalg.norm(d)
+    grad = np.zeros_like(pos)
+    grad[j] += d / r
+    grad[i] -= d / r
+    return r, grad
+
+
 def xi_and_gradient(pos: np.ndarray, a: int, b: int, c: int) -> tuple[float, np.ndarray]:
     """``xi = |r_b - r_a| - |r_c - r_a|`` and its gradient with respect to all positions."""
-    ab, ac = pos[b] - pos[a], pos[c] - pos[a]
-    dab, dac = np.linalg.norm(ab), np.linalg.norm(ac)
-    grad = np.zeros_like(pos)
-    grad[b] += ab / dab
-    grad[a] -= ab / dab
-    grad[c] -= ac / dac
-    grad[a] += ac / dac
-    return dab - dac, grad
+    (dab, gab), (dac, gac) = distance_and_gradient(pos, a, b), distance_and_gradient(pos, a, c)
+    return dab - dac, gab - gac
+
+
+def collinearity_and_gradient(pos: np.ndarray, a: int, b: int, c: int) -> tuple[float, np.ndarray]:
+    """``delta = |r_b - r_a| + |r_c - r_a| - |r_c - r_b|`` (0 for a straight B-A-C) and its gradient."""
+    (dab, gab), (dac, gac), (dbc, gbc) = (distance_and_gradient(pos, *p) for p in ((a, b), (a, c), (b, c)))
+    return dab + dac - dbc, gab + gac - gbc
 
 
 class DistanceDifferenceUmbrella(Dummy_driver):
     """Harmonic restraint ``k/2 (xi - xi0)^2`` on a difference of two distances."""
 
-    def __init__(self, atoms="0 4 5", xi0=0.0, k=5.0, *args, **kwargs):
+    def __init__(self, atoms="0 4 5", xi0=0.0, k=5.0, k_wall=0.0, wall=0.3, *args, **kwargs):
         kwargs.pop("verbosity", None)
         try:
             self.a, self.b, self.c = (int(x) for x in str(atoms).replace(",", " ").split())
@@ -53,6 +67,8 @@ class DistanceDifferenceUmbrella(Dummy_driver):
             raise ValueError(f"umbrella: 'atoms' must be three indices A B C, got '{atoms}'") from err
         self.xi0 = float(xi0) * ANGSTROM_TO_BOHR
         self.k = float(k) * EV_TO_HARTREE * BOHR**2  # eV/A^2 -> Hartree/Bohr^2
+        self.k_wall = float(k_wall) * EV_TO_HARTREE * BOHR**2
+        self.wall = float(wall) * ANGSTROM_TO_BOHR
         super().__init__(*args, **kwargs)
 
     def compute_structure(self, cell, pos):
@@ -61,5 +77,10 @@ class DistanceDifferenceUmbrella(Dummy_driver):
         dev = xi - self.xi0
         energy = 0.5 * self.k * dev * dev
         forces = -self.k * dev * grad
+        if self.k_wall > 0.0:
+            delta, dgrad = collinearity_and_gradient(pos, self.a, self.b, self.c)
+            over = max(0.0, delta - self.wall)
+            energy += 0.5 * self.k_wall * over * over
+            forces -= self.k_wall * over * dgrad
         extras = json.dumps({"xi": xi / ANGSTROM_TO_BOHR, "xi0": self.xi0 / ANGSTROM_TO_BOHR})
         return energy, forces, np.zeros((3, 3)), extras

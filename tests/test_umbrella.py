@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from qmmm_driver.umbrella import DistanceDifferenceUmbrella, xi_and_gradient
+from qmmm_driver.umbrella import DistanceDifferenceUmbrella, collinearity_and_gradient, xi_and_gradient
 from qmmm_driver.units import ANGSTROM_TO_BOHR, HARTREE
 
 
@@ -24,6 +24,31 @@ def test_forces_are_minus_gradient():
     xi, _ = xi_and_gradient(pos, 0, 4, 5)
     assert e == pytest.approx(0.5 * 3.0 / HARTREE / ANGSTROM_TO_BOHR**2 * (xi - (-0.7) * ANGSTROM_TO_BOHR) ** 2)
     assert '"xi"' in extras and np.all(f[[1, 2, 3]] == 0)
+
+
+def test_collinearity_wall_forces_and_flat_bottom():
+    """The wall is minus the gradient where it acts, and exactly zero for a straight B-A-C."""
+    rng = np.random.default_rng(1)
+    bent = rng.normal(size=(6, 3)) * 3.0
+    pes = DistanceDifferenceUmbrella(atoms="0 4 5", xi0=-0.7, k=3.0, k_wall=10.0, wall=0.3, verbosity=0)
+    plain = DistanceDifferenceUmbrella(atoms="0 4 5", xi0=-0.7, k=3.0, verbosity=0)
+    delta, _ = collinearity_and_gradient(bent, 0, 4, 5)
+    assert delta > 0.3 * ANGSTROM_TO_BOHR  # the wall acts here
+    e, f, _, _ = pes.compute_structure(None, bent)
+    assert e > plain.compute_structure(None, bent)[0]
+    h = 1e-6
+    for a in (0, 4, 5):
+        for c in range(3):
+            p, m = bent.copy(), bent.copy()
+            p[a, c] += h
+            m[a, c] -= h
+            fd = -(pes.compute_structure(None, p)[0] - pes.compute_structure(None, m)[0]) / (2 * h)
+            assert fd == pytest.approx(f[a, c], abs=1e-9)
+    straight = bent.copy()
+    straight[4] = straight[0] + np.array([1.8, 0.0, 0.0]) * ANGSTROM_TO_BOHR
+    straight[5] = straight[0] - np.array([3.2, 0.0, 0.0]) * ANGSTROM_TO_BOHR
+    assert collinearity_and_gradient(straight, 0, 4, 5)[0] == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_array_equal(pes.compute_structure(None, straight)[1], plain.compute_structure(None, straight)[1])
 
 
 def test_bad_atoms_are_refused():

@@ -55,7 +55,7 @@ def window_starts(xis: np.ndarray, out: Path, equilibrate_ps: float, seed: int) 
     return starts
 
 
-def ipi_input(xis, starts, k_eV: float, steps: int, stride: int) -> str:
+def ipi_input(xis, starts, k_eV: float, k_wall: float, steps: int, stride: int) -> str:
     umbrella = REPO / "qmmm_driver" / "umbrella.py"
     props = ("step, time{picosecond}, temperature{kelvin}, potential{electronvolt}, ensemble_bias{electronvolt}, "
              "atom_x{angstrom}(atom=0), atom_x{angstrom}(atom=4), atom_x{angstrom}(atom=5)")
@@ -63,7 +63,7 @@ def ipi_input(xis, starts, k_eV: float, steps: int, stride: int) -> str:
     for k, (xi0, start) in enumerate(zip(xis, starts)):
         ffs.append(f"""  <ffdirect name='umbrella_{k}' pbc='false'>
     <pes>custom</pes> <pes_path>{umbrella}</pes_path>
-    <parameters>{{atoms: 0 4 5, xi0: {xi0:.4f}, k: {k_eV}}}</parameters>
+    <parameters>{{atoms: 0 4 5, xi0: {xi0:.4f}, k: {k_eV}, k_wall: {k_wall}, wall: 0.3}}</parameters>
   </ffdirect>""")
         systems.append(f"""  <system prefix='w{k:02d}'>
     <initialize nbeads='1'>
@@ -113,6 +113,11 @@ def xi_samples(run_dir: Path, n_windows: int, discard: float) -> list[np.ndarray
     return out
 
 
+def steps_done(run_dir: Path) -> int:
+    """The last MD step written (a run continued with `launch --restart` appends to the same files)."""
+    return int(np.loadtxt(run_dir / "w00_simulation.out", ndmin=2)[-1, 0])
+
+
 def wham(samples: list[np.ndarray], centres: np.ndarray, k_eV: float, kT: float, bins: np.ndarray,
          tol: float = 1e-10, max_iter: int = 100000) -> tuple[np.ndarray, np.ndarray]:
     """Weighted histogram analysis: F(xi) (eV, minimum 0) on the bin centres."""
@@ -139,6 +144,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", default="-2.0:2.0:21", help="xi0 values start:stop:count (A)")
     p.add_argument("--k", type=float, default=3.0, help="umbrella force constant, eV/A^2 (default 3)")
+    p.add_argument("--k-wall", type=float, default=10.0,
+                   help="collinearity wall on d(C-Cl1) + d(C-Cl2) - d(Cl1-Cl2) > 0.3 A, eV/A^2 (default 10; 0: none)")
     p.add_argument("--steps", type=int, default=4000, help="steps of 0.5 fs per window (default 4000 = 2 ps)")
     p.add_argument("--equilibrate", type=float, default=2.0, help="ps of OpenMM equilibration per window start")
     p.add_argument("--discard", type=float, default=0.2, help="fraction of each window discarded")
@@ -152,7 +159,7 @@ def main() -> None:
     if not args.analyse_only:
         starts = window_starts(xis, args.runs / "starts", args.equilibrate, seed=5)
         xml = args.runs / "umbrella.xml"
-        xml.write_text(ipi_input(xis, starts, args.k, args.steps, stride=2))
+        xml.write_text(ipi_input(xis, starts, args.k, args.k_wall, args.steps, stride=2))
         cmd = [sys.executable, "-m", "qmmm_driver.cli", "launch", str(xml), "--example", str(HERE),
                "--run-dir", str(run_dir), "--workers", str(args.workers)]
         print("$", " ".join(cmd), flush=True)
@@ -162,16 +169,21 @@ def main() -> None:
     bins = np.linspace(xis[0] - 0.4, xis[-1] + 0.4, 121)
     mid, free = wham(samples, xis, args.k, KT_300, bins)
     ok = np.isfinite(free)
-    reactant = ok & (mid < -0.5)
+    reactant, product = ok & (mid < -0.5), ok & (mid > 0.5)
     ts = ok & (np.abs(mid) < 0.5)
-    barrier = float(free[ts].max() - free[reactant].min())
+    top = float(free[ts].max())
+    # the reaction is symmetric: the two sides measure the same barrier, their difference the convergence
+    barriers = (top - float(free[reactant].min()), top - float(free[product].min()))
     summary = {
-        "windows": len(xis), "k_eV_per_A2": args.k, "ps_per_window": args.steps * 0.5e-3,
+        "windows": len(xis), "k_eV_per_A2": args.k, "k_wall_eV_per_A2": args.k_wall, "ps_per_window": steps_done(run_dir) * 0.5e-3,
         "samples_per_window": [int(len(s)) for s in samples],
         "reactant_xi_A": float(mid[reactant][np.argmin(free[reactant])]),
         "transition_state_xi_A": float(mid[ts][np.argmax(free[ts])]),
-        "barrier_eV": barrier, "barrier_kcal_per_mol": barrier * 23.0605,
-        "product_minus_reactant_eV": float(free[ok & (mid > 0.5)].min() - free[reactant].min()),
+        "product_xi_A": float(mid[product][np.argmin(free[product])]),
+        "barrier_from_reactant_kcal_per_mol": barriers[0] * 23.0605,
+        "barrier_from_product_kcal_per_mol": barriers[1] * 23.0605,
+        "barrier_mean_kcal_per_mol": 0.5 * sum(barriers) * 23.0605,
+        "product_minus_reactant_kcal_per_mol": (barriers[0] - barriers[1]) * 23.0605,
     }
 
     import matplotlib
@@ -182,7 +194,9 @@ def main() -> None:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     ax1.plot(mid[ok], free[ok] * 23.0605, color="C3")
     ax1.set_ylabel("free energy (kcal/mol)")
-    ax1.set_title(f"Cl$^-$ + CH$_3$Cl in water (ML/MM, 300 K): barrier {summary['barrier_kcal_per_mol']:.1f} kcal/mol")
+    ax1.set_title(f"Cl$^-$ + CH$_3$Cl in water (ML/MM, 300 K): barrier "
+                  f"{summary['barrier_from_reactant_kcal_per_mol']:.1f} / "
+                  f"{summary['barrier_from_product_kcal_per_mol']:.1f} kcal/mol (from each side)", fontsize=10)
     ax1.grid(alpha=0.3)
     for s in samples:
         ax2.hist(s, bins=bins, histtype="step")
