@@ -65,10 +65,15 @@ class DistanceDifferenceUmbrella(Dummy_driver):
             self.a, self.b, self.c = (int(x) for x in str(atoms).replace(",", " ").split())
         except ValueError as err:
             raise ValueError(f"umbrella: 'atoms' must be three indices A B C, got '{atoms}'") from err
-        self.xi0 = float(xi0) * ANGSTROM_TO_BOHR
-        self.k = float(k) * EV_TO_HARTREE * BOHR**2  # eV/A^2 -> Hartree/Bohr^2
-        self.k_wall = float(k_wall) * EV_TO_HARTREE * BOHR**2
-        self.wall = float(wall) * ANGSTROM_TO_BOHR
+        try:
+            xi0, k, k_wall, wall = (float(x) for x in (xi0, k, k_wall, wall))
+        except ValueError as err:
+            raise ValueError(f"umbrella: xi0, k, k_wall and wall must be numbers, got "
+                             f"xi0={xi0!r} k={k!r} k_wall={k_wall!r} wall={wall!r}") from err
+        self.xi0 = xi0 * ANGSTROM_TO_BOHR
+        self.k = k * EV_TO_HARTREE * BOHR**2  # eV/A^2 -> Hartree/Bohr^2
+        self.k_wall = k_wall * EV_TO_HARTREE * BOHR**2
+        self.wall = wall * ANGSTROM_TO_BOHR
         super().__init__(*args, **kwargs)
 
     def compute_structure(self, cell, pos):

@@ -7,20 +7,24 @@ from qmmm_driver.umbrella import DistanceDifferenceUmbrella, collinearity_and_gr
 from qmmm_driver.units import ANGSTROM_TO_BOHR, HARTREE
 
 
+def assert_forces_are_minus_gradient(pes, pos, atoms, h=1e-6):
+    """Central differences of the bias energy against its forces, for every component of ``atoms``."""
+    forces = pes.compute_structure(None, pos)[1]
+    for a in atoms:
+        for c in range(3):
+            p, m = pos.copy(), pos.copy()
+            p[a, c] += h
+            m[a, c] -= h
+            fd = -(pes.compute_structure(None, p)[0] - pes.compute_structure(None, m)[0]) / (2 * h)
+            assert fd == pytest.approx(forces[a, c], abs=1e-9)
+
 
 def test_forces_are_minus_gradient():
     rng = np.random.default_rng(0)
     pos = rng.normal(size=(6, 3)) * 3.0
     pes = DistanceDifferenceUmbrella(atoms="0 4 5", xi0=-0.7, k=3.0, verbosity=0)
     e, f, vir, extras = pes.compute_structure(np.eye(3), pos)
-    h = 1e-6
-    for a in (0, 4, 5, 2):
-        for c in range(3):
-            p, m = pos.copy(), pos.copy()
-            p[a, c] += h
-            m[a, c] -= h
-            fd = -(pes.compute_structure(None, p)[0] - pes.compute_structure(None, m)[0]) / (2 * h)
-            assert fd == pytest.approx(f[a, c], abs=1e-9)
+    assert_forces_are_minus_gradient(pes, pos, atoms=(0, 4, 5, 2))
     xi, _ = xi_and_gradient(pos, 0, 4, 5)
     assert e == pytest.approx(0.5 * 3.0 / HARTREE / ANGSTROM_TO_BOHR**2 * (xi - (-0.7) * ANGSTROM_TO_BOHR) ** 2)
     assert '"xi"' in extras and np.all(f[[1, 2, 3]] == 0)
@@ -34,16 +38,9 @@ def test_collinearity_wall_forces_and_flat_bottom():
     plain = DistanceDifferenceUmbrella(atoms="0 4 5", xi0=-0.7, k=3.0, verbosity=0)
     delta, _ = collinearity_and_gradient(bent, 0, 4, 5)
     assert delta > 0.3 * ANGSTROM_TO_BOHR  # the wall acts here
-    e, f, _, _ = pes.compute_structure(None, bent)
+    e = pes.compute_structure(None, bent)[0]
     assert e > plain.compute_structure(None, bent)[0]
-    h = 1e-6
-    for a in (0, 4, 5):
-        for c in range(3):
-            p, m = bent.copy(), bent.copy()
-            p[a, c] += h
-            m[a, c] -= h
-            fd = -(pes.compute_structure(None, p)[0] - pes.compute_structure(None, m)[0]) / (2 * h)
-            assert fd == pytest.approx(f[a, c], abs=1e-9)
+    assert_forces_are_minus_gradient(pes, bent, atoms=(0, 4, 5))
     straight = bent.copy()
     straight[4] = straight[0] + np.array([1.8, 0.0, 0.0]) * ANGSTROM_TO_BOHR
     straight[5] = straight[0] - np.array([3.2, 0.0, 0.0]) * ANGSTROM_TO_BOHR
@@ -54,6 +51,8 @@ def test_collinearity_wall_forces_and_flat_bottom():
 def test_bad_atoms_are_refused():
     with pytest.raises(ValueError, match="three indices"):
         DistanceDifferenceUmbrella(atoms="0 4")
+    with pytest.raises(ValueError, match="k_wall='stiff'"):
+        DistanceDifferenceUmbrella(atoms="0 4 5", k_wall="stiff")
 
 
 def test_umbrella_biases_an_ipi_run(procs, tmp_path, small_box, small_model_file):
