@@ -32,12 +32,12 @@ LABEL_KEYS = ("reference", "qm_charges_scheme", "source_index")  # belong to the
 
 def push_water(frame: Frame, rng: np.random.Generator) -> Frame | None:
     """A copy of ``frame`` with one water moved against the solute, or None if it would overlap."""
-    symbols = frame.numbers
+    z = frame.numbers
     qm, mm = frame.qm_indices, frame.mm_indices
     probs = np.array([t[3] for t in TARGETS])
     _, fixed, (lo, hi), _ = TARGETS[rng.choice(len(TARGETS), p=probs)]
-    target = fixed if fixed is not None else int(rng.choice([i for i in qm if symbols[i] == 1]))
-    oxygens = [i for i in mm if symbols[i] == 8 and i + 2 < len(symbols) and symbols[i + 1] == 1 == symbols[i + 2]]
+    target = fixed if fixed is not None else int(rng.choice([i for i in qm if z[i] == 1]))
+    oxygens = [i for i in mm if z[i] == 8 and i + 2 < len(z) and z[i + 1] == 1 == z[i + 2]]
     d = np.linalg.norm(frame.positions[oxygens] - frame.positions[target], axis=1)
     o = oxygens[int(np.argmin(d))]
     u = (frame.positions[o] - frame.positions[target]) / d.min()
