@@ -56,8 +56,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
 
 
-
-
 def main(args) -> int:
     from .worker import serve_ipi
 

@@ -139,7 +139,7 @@ def threads_per_worker(requested: int = 0, environ=None) -> int:
     (benchmarks/ipi_pimd.py). Give more threads for large MM environments on
     dedicated cores.
     """
-    if requested and requested > 0:
+    if requested > 0:
         return int(requested)
     env = os.environ if environ is None else environ
     explicit = env.get("OMP_NUM_THREADS", "").strip()

@@ -48,9 +48,9 @@ def push_water(frame: Frame, rng: np.random.Generator) -> Frame | None:
     gap = np.linalg.norm(pos[o:o + 3, None] - pos[None, others], axis=-1).min()
     if gap < MIN_CLEARANCE_A * ANGSTROM_TO_BOHR:
         return None
+    reached = np.linalg.norm(pos[o] - pos[target]) / ANGSTROM_TO_BOHR
     info = {k: v for k, v in frame.info.items() if k not in LABEL_KEYS}
-    info.update(environment="close contact", augmented=f"water {o} pushed to {np.linalg.norm(pos[o] - pos[target]) / ANGSTROM_TO_BOHR:.2f} A "
-                                      f"of QM atom {target}")
+    info.update(environment="close contact", augmented=f"water {o} pushed to {reached:.2f} A of QM atom {target}")
     return Frame(numbers=frame.numbers, positions=pos, qm=frame.qm, mm_charge=frame.mm_charge,
                  qm_total_charge=frame.qm_total_charge, qm_multiplicity=frame.qm_multiplicity, cell=frame.cell,
                  info=info)

@@ -175,7 +175,8 @@ def main() -> None:
     # the reaction is symmetric: the two sides measure the same barrier, their difference the convergence
     barriers = (top - float(free[reactant].min()), top - float(free[product].min()))
     summary = {
-        "windows": len(xis), "k_eV_per_A2": args.k, "k_wall_eV_per_A2": args.k_wall, "ps_per_window": steps_done(run_dir) * 0.5e-3,
+        "windows": len(xis), "k_eV_per_A2": args.k, "k_wall_eV_per_A2": args.k_wall,
+        "ps_per_window": steps_done(run_dir) * 0.5e-3,
         "samples_per_window": [int(len(s)) for s in samples],
         "reactant_xi_A": float(mid[reactant][np.argmin(free[reactant])]),
         "transition_state_xi_A": float(mid[ts][np.argmax(free[ts])]),

@@ -31,14 +31,14 @@ The config is a TOML file (paths relative to it, lengths in Angstrom)::
     ema_decay = 0.99                         # exponential moving average of weights (with warm-up)
     max_minutes = 60                         # wall-clock budget
     threads = 0                              # CPU threads (0: torch's default)
+    device = "auto"                          # auto, cpu, cuda, cuda:N
+    dtype = "float32"
+    seed = 0
 
     [stage2]                                 # optional: a second stage, e.g. energy-weighted fine tuning
     start_epoch = 100                        # from this epoch on, these loss weights and learning rate
     lr = 0.001
     energy = 1000.0
-    device = "auto"                          # auto, cpu, cuda, cuda:N
-    dtype = "float32"
-    seed = 0
 
 Outputs in ``output``: ``model.pt`` (best validation, EMA weights, with test
 metrics in its metadata), ``checkpoint.pt`` (resume with ``--resume``),
