@@ -18,8 +18,65 @@ import numpy as np
 
 from .system import QMMMSystem
 
-SN2_XML = str(resources.files("qmmm_driver") / "data" / "sn2_solute.xml")
+DATA = resources.files("qmmm_driver") / "data"
+SN2_XML = str(DATA / "sn2_solute.xml")
 WATER_XML = "amber14/tip3p.xml"
+
+
+@dataclass(frozen=True)
+class Solvent:
+    """A liquid the QM region can be sampled in: residue, force field, number density and one molecule."""
+
+    name: str
+    residue: str
+    forcefield: str | None        # added to amber14/tip3p.xml (None: water itself)
+    per_A3: float                 # molecules per cubic Angstrom at 300 K
+    atoms: tuple                  # (atom name, element, x, y, z in A) of one molecule
+
+
+def _tetrahedral_h(centre, axis, r, angle_deg, phase=0.0):
+    """Three H at distance ``r`` from ``centre``, each at ``angle_deg`` from ``axis``."""
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    ref = np.array([1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+    u = np.cross(axis, ref)
+    u /= np.linalg.norm(u)
+    v = np.cross(axis, u)
+    t = np.radians(angle_deg)
+    return [np.asarray(centre) + r * (np.cos(t) * axis + np.sin(t) * (np.cos(p) * u + np.sin(p) * v))
+            for p in phase + 2 * np.pi * np.arange(3) / 3]
+
+
+def _methanol_atoms():
+    c, o = np.zeros(3), np.array([1.41, 0.0, 0.0])
+    h = _tetrahedral_h(c, -o, 1.09, 70.5)
+    theta = np.radians(108.5)
+    ho = o + 0.945 * np.array([-np.cos(theta), np.sin(theta), 0.0])
+    return (("C", "C", *c), ("H1", "H", *h[0]), ("H2", "H", *h[1]), ("H3", "H", *h[2]), ("O", "O", *o),
+            ("HO", "H", *ho))
+
+
+def _acetonitrile_atoms():
+    c1, c2, n = np.zeros(3), np.array([0.0, 0.0, 1.47]), np.array([0.0, 0.0, 2.627])
+    h = _tetrahedral_h(c1, -c2, 1.09, 71.5)
+    return (("C1", "C", *c1), ("H1", "H", *h[0]), ("H2", "H", *h[1]), ("H3", "H", *h[2]), ("C2", "C", *c2),
+            ("N", "N", *n))
+
+
+#: Solvents of ``qmmm-driver sample --solvent``: densities at 298 K (g/cm^3 -> molecules/A^3).
+SOLVENTS = {
+    "water": Solvent("water", "HOH", None, 0.997 * 0.6022 / 18.015, ()),
+    "methanol": Solvent("methanol", "MOH", str(DATA / "methanol.xml"), 0.787 * 0.6022 / 32.042,
+                        _methanol_atoms()),
+    "acetonitrile": Solvent("acetonitrile", "ACN", str(DATA / "acetonitrile.xml"), 0.777 * 0.6022 / 41.053,
+                            _acetonitrile_atoms()),
+}
+
+#: Ions of ``qmmm-driver sample --ion``: residue/atom name in amber14/tip3p.xml, element, charge (e).
+IONS = {
+    "Li+": ("LI", "Li", 1), "Na+": ("NA", "Na", 1), "K+": ("K", "K", 1),
+    "Mg2+": ("MG", "Mg", 2), "Ca2+": ("CA", "Ca", 2), "Zn2+": ("ZN", "Zn", 2),
+    "F-": ("F", "F", -1), "Cl-": ("CL", "Cl", -1), "Br-": ("BR", "Br", -1),
+}
 
 #: C-Cl equilibrium distance and bond-order length scale (Angstrom) of the SN2 reference path
 SN2_D0 = 1.80
@@ -90,6 +147,8 @@ class MMSetup:
     forcefield_files: list[str]
     qm_indices: np.ndarray
     qm_charge: int
+    ion_index: int | None = None   # the MM ion of an ion environment
+    solvent: str = "water"
 
     def forcefield(self):
         from openmm import app
@@ -159,28 +218,102 @@ class MMSetup:
         return {"pdb": pdb, "extxyz": xyz}
 
 
-def _solvate(topology, positions_nm, ff_files, box_A: float, ions: list[tuple[str, np.ndarray]]):
+def _min_image_distances(points: np.ndarray, others: np.ndarray, box_A: float) -> np.ndarray:
+    """Distances [len(points), len(others)] in a cubic periodic box (Angstrom)."""
+    d = points[:, None, :] - others[None, :, :]
+    d -= box_A * np.round(d / box_A)
+    return np.linalg.norm(d, axis=-1)
+
+
+def _pack(solvent: Solvent, occupied_A: np.ndarray, box_A: float, rng: np.random.Generator,
+          clearance: float = 2.3, contact: float = 1.7, tries: int = 30) -> list[np.ndarray]:
+    """Molecules of ``solvent`` (A) at its liquid density on a jittered grid, randomly oriented.
+
+    Grid sites within ``clearance`` of the solute or ion atoms (``occupied_A``) stay empty; each molecule
+    takes the first of ``tries`` orientations whose atoms keep ``contact`` from those already placed.
+    The MD that follows (minimisation, equilibration) relaxes the rest.
+    """
+    template = np.array([a[2:] for a in solvent.atoms], dtype=float)
+    template -= template.mean(axis=0)
+    n_target = int(round(solvent.per_A3 * box_A**3))
+    side = int(np.ceil(n_target ** (1.0 / 3.0)))
+    spacing = box_A / side
+    grid = (np.stack(np.meshgrid(*[np.arange(side)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.5) * spacing
+    grid = grid[rng.permutation(len(grid))[:n_target]]
+    placed: list[np.ndarray] = []
+    taken = np.asarray(occupied_A, dtype=float).reshape(-1, 3)
+    for site in grid:
+        if len(occupied_A) and _min_image_distances(site[None], np.asarray(occupied_A).reshape(-1, 3),
+                                                     box_A).min() < clearance + 1.0:
+            continue
+        best, best_gap = None, -1.0
+        for _ in range(tries):
+            mol = template @ random_rotation(rng).T + site + rng.uniform(-0.2, 0.2, 3)
+            gap = _min_image_distances(mol, taken, box_A).min() if len(taken) else np.inf
+            if gap > best_gap:
+                best, best_gap = mol, gap
+            if gap >= contact:
+                break
+        placed.append(best)
+        taken = np.concatenate([taken, best])
+    return placed
+
+
+def _solvate(topology, positions_nm, ff_files, box_A: float, ions: list[tuple[str, np.ndarray]],
+             solvent: Solvent, rng: np.random.Generator):
     from openmm import Vec3, app, unit
 
     modeller = app.Modeller(topology, positions_nm * unit.nanometer)
     for name, where in ions:
+        residue, element, _ = IONS[name]
         top = app.Topology()
-        res = top.addResidue(name.upper()[:2], top.addChain())
-        top.addAtom(name.upper()[:2], app.element.Element.getBySymbol(name), res)
+        res = top.addResidue(residue, top.addChain())
+        top.addAtom(residue, app.element.Element.getBySymbol(element), res)
         modeller.add(top, np.asarray(where)[None] / 10.0 * unit.nanometer)
-    modeller.addSolvent(app.ForceField(*ff_files), boxSize=Vec3(*([box_A / 10.0] * 3)) * unit.nanometer,
-                        model="tip3p", neutralize=False)
+    box = Vec3(*([box_A / 10.0] * 3)) * unit.nanometer
+    if solvent.forcefield is None:
+        modeller.addSolvent(app.ForceField(*ff_files), boxSize=box, model="tip3p", neutralize=False)
+        return modeller
+    occupied = np.asarray(modeller.positions.value_in_unit(unit.angstrom))
+    top = app.Topology()
+    chain = top.addChain()
+    positions = []
+    for mol in _pack(solvent, occupied, box_A, rng):
+        res = top.addResidue(solvent.residue, chain)
+        atoms = [top.addAtom(name, app.element.Element.getBySymbol(el), res) for name, el, *_ in solvent.atoms]
+        by_name = {a.name: a for a in atoms}
+        for bond in _template_bonds(solvent):
+            top.addBond(by_name[bond[0]], by_name[bond[1]])
+        positions.append(mol)
+    modeller.add(top, np.concatenate(positions) / 10.0 * unit.nanometer)
+    modeller.topology.setPeriodicBoxVectors([Vec3(box_A / 10.0, 0, 0), Vec3(0, box_A / 10.0, 0),
+                                             Vec3(0, 0, box_A / 10.0)] * unit.nanometer)
     return modeller
 
 
-def build_setup(name: str, box_A: float = 26.0, seed: int = 0, ion: bool = False) -> MMSetup:
-    """Build the ``water`` or ``sn2`` system in a cubic box of ``box_A`` Angstrom.
+def _template_bonds(solvent: Solvent) -> list[tuple[str, str]]:
+    """Bonds of one solvent molecule, read from its force-field residue template."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(solvent.forcefield).getroot()
+    res = next(r for r in root.iter("Residue") if r.get("name") == solvent.residue)
+    return [(b.get("atomName1"), b.get("atomName2")) for b in res.iter("Bond")]
+
+
+def build_setup(name: str, box_A: float = 26.0, seed: int = 0, ion: str | None = None,
+                solvent: str = "water", ion_distance_A: float = 4.5) -> MMSetup:
+    """Build the ``water`` or ``sn2`` system in a cubic box of ``box_A`` Angstrom of ``solvent``.
 
     The QM region (a water, or Cl- + CH3Cl at the reactant) sits at the box
-    centre; ``ion`` adds an MM Na+ 4.5 A from it (the transfer environments).
+    centre; ``ion`` (a name of :data:`IONS`) adds that MM ion ``ion_distance_A``
+    from its centre.
     """
     from openmm import app
 
+    if solvent not in SOLVENTS:
+        raise ValueError(f"unknown solvent '{solvent}' (known: {', '.join(SOLVENTS)})")
+    if ion is not None and ion not in IONS:
+        raise ValueError(f"unknown ion '{ion}' (known: {', '.join(IONS)})")
     rng = np.random.default_rng(seed)
     centre = np.full(3, box_A / 2.0)
     top = app.Topology()
@@ -201,17 +334,19 @@ def build_setup(name: str, box_A: float = 26.0, seed: int = 0, ion: bool = False
         files, qm_charge = [WATER_XML, SN2_XML], -1
     else:
         raise ValueError(f"unknown example system '{name}' (known: water, sn2)")
+    if SOLVENTS[solvent].forcefield is not None:
+        files = files + [SOLVENTS[solvent].forcefield]
     local = (local - local.mean(axis=0)) @ random_rotation(rng).T
     positions = (local + centre) / 10.0
     ions = []
-    if ion:
+    if ion is not None:
         direction = rng.normal(size=3)
-        ions.append(("Na", centre + 4.5 * direction / np.linalg.norm(direction)))
-    modeller = _solvate(top, positions, files, box_A, ions)
+        ions.append((ion, centre + ion_distance_A * direction / np.linalg.norm(direction)))
+    modeller = _solvate(top, positions, files, box_A, ions, SOLVENTS[solvent], rng)
     from openmm import unit
 
     pos = np.array(modeller.positions.value_in_unit(unit.nanometer))
     n_qm = len(local)
     return MMSetup(name=name, topology=modeller.topology, positions=pos, forcefield_files=files,
-                   qm_indices=np.arange(n_qm), qm_charge=qm_charge)
-
+                   qm_indices=np.arange(n_qm), qm_charge=qm_charge,
+                   ion_index=n_qm if ion is not None else None, solvent=solvent)
