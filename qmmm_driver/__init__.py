@@ -7,16 +7,18 @@ without loading torch when it does not need it.
 
 import importlib
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "QMMMCalculator": "calculator",
-    "Evaluator": "evaluator",
-    "ModelSettings": "model",
-    "QMMMModel": "model",
-    "QMMMSystem": "system",
-    "load_model": "model.io",
-    "save_model": "model.io",
+    "ModelEvaluator": "evaluator",
+    "ModelSettings": "nn",
+    "QMMMModel": "nn",
+    "QMMMStructure": "structures",
+    "read_structures": "structures",
+    "write_structures": "structures",
+    "load_model": "nn.io",
+    "save_model": "nn.io",
 }
 __all__ = list(_EXPORTS)
 

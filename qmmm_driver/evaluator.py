@@ -1,26 +1,68 @@
-"""The one evaluation path: positions of a QM/MM system in, energy, forces, virial and extras out.
+"""The evaluator protocol and the one evaluation path of the model.
 
-The i-PI worker, the ASE calculator and ``qmmm-driver evaluate`` all call
-:meth:`Evaluator.compute`, so they cannot disagree. Inputs and outputs are in
-atomic units (Bohr, Hartree, e); cells are rows of lattice vectors.
+An evaluator turns positions of a QM/MM structure into energy, forces, virial
+and extras, for a batch of frames, in atomic units (Bohr, Hartree, e; cells as
+rows of lattice vectors). Parameters that i-PI may set per forcefield
+(``<parameters>`` in the ``<ffsocket>``, sent with INIT) come with every
+request, checked against the evaluator's :attr:`~Evaluator.parameters`.
+
+:class:`ModelEvaluator` is the model's: the i-PI worker, the batched PES for
+i-PI's own driver, the ASE calculator and ``qmmm-driver evaluate`` all call it,
+so they cannot disagree. The MM worker's OpenMM evaluator follows the same
+protocol (:mod:`qmmm_driver.mm.forcefield`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Protocol
 
 import numpy as np
 import torch
-
 from torch.profiler import record_function
 
-from .embedding import Embedding, Presented
-from .model import QMMMModel
-from .system import InvalidSystem, QMMMSystem
+from .embedding import Embedding, NonFiniteInput, Presented
+from .errors import InputError
+from .nn import QMMMModel
+from .nn.io import ModelFileError, load_model
+from .nn.potential import Potential
+from .structures import QMMMStructure, StructureError
 
 
 class NonFiniteResult(RuntimeError):
-    """The model produced NaN or infinite energies or forces."""
+    """The evaluation produced (or was given) NaN or infinite numbers: nothing may be sent to i-PI."""
+
+
+class Evaluator(Protocol):
+    """What a socket client, an i-PI PES or a calculator needs of a force provider."""
+
+    #: the structure whose configurations are evaluated (atom order, QM region)
+    structure: QMMMStructure
+    #: parameters i-PI may set with INIT: name -> (type, default, help)
+    parameters: dict[str, tuple[type, object, str]]
+
+    def compute(self, positions: np.ndarray, cells: np.ndarray | None, params: Mapping[str, object]) -> "Results":
+        """Frames ``positions`` [B, N, 3] (Bohr) in ``cells`` [B, 3, 3] (rows, Bohr; None for a cluster)."""
+
+
+def check_parameters(evaluator: Evaluator, params: Mapping[str, object], where: str) -> dict:
+    """``params`` completed with the evaluator's defaults; unknown names and bad values are refused."""
+    known = evaluator.parameters
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        described = ", ".join(f"{k} ({h})" for k, (_, _, h) in known.items()) or "none"
+        raise InputError(f"unknown parameter(s) {unknown} in {where}; this forcefield understands: {described}")
+    out = {k: default for k, (_, default, _) in known.items()}
+    for key, value in params.items():
+        kind = known[key][0]
+        try:
+            out[key] = kind(value)
+        except (TypeError, ValueError):
+            raise InputError(f"parameter '{key}' in {where} is {value!r}, not a {kind.__name__}") from None
+        if kind is float and not np.isfinite(out[key]):
+            raise InputError(f"parameter '{key}' in {where} is {value}; it must be finite")
+    return out
 
 
 @dataclass
@@ -34,119 +76,136 @@ class Results:
     dipole: np.ndarray          # [B, 3] e*Bohr, about the QM centre of mass
     n_mm_embedded: np.ndarray   # [B] MM atoms inside the cutoff
 
-    def extras(self, b: int, system: QMMMSystem) -> dict:
-        """The i-PI ``extras`` dictionary of frame ``b``."""
+    def extras(self, b: int, structure: QMMMStructure) -> dict:
+        """The i-PI ``extras`` dictionary of frame ``b`` (the same keys for every frame)."""
         return {
             "qm_charges": self.qm_charges[b].tolist(),
             "dipole": self.dipole[b].tolist(),
-            "qm_indices": system.qm_indices.tolist(),
+            "qm_indices": structure.qm_indices.tolist(),
             "n_mm_embedded": int(self.n_mm_embedded[b]),
             "units": "atomic (e, e*bohr)",
         }
 
 
-def species_of(model: QMMMModel, system: QMMMSystem) -> list[int]:
+def species_of(model: QMMMModel, structure: QMMMStructure) -> list[int]:
     """Index of each QM atom's element in the model's element list."""
     known = model.elements
     out = []
-    for atom, symbol in zip(system.qm_indices, system.qm_symbols):
+    for atom, symbol in zip(structure.qm_indices, structure.qm_symbols):
         if symbol not in known:
-            raise InvalidSystem(
-                f"QM atom {int(atom)} of {system.source} is {symbol}, which the model does not know "
-                f"(its elements: {', '.join(known)})"
-            )
+            raise StructureError(f"QM atom {int(atom)} of {structure.source} is {symbol}, which the model does "
+                                 f"not know (its elements: {', '.join(known)})")
         out.append(known.index(symbol))
     return out
 
 
-def run_model(model: QMMMModel, p: Presented, species: torch.Tensor, total_charge: torch.Tensor,
-              dtype: torch.dtype, embedding: Embedding | None = None, coupling: float = 1.0,
-              create_graph: bool = False):
-    """Model outputs and energy gradients for presented frames.
+def load(path: str | Path, device: str | torch.device = "cpu") -> QMMMModel:
+    """:func:`~qmmm_driver.nn.io.load_model` with its errors as input errors (exit status 2)."""
+    try:
+        return load_model(path, device)
+    except ModelFileError as err:
+        raise InputError(str(err)) from err
 
-    Positions are taken relative to each frame's first QM atom (exact by
-    translation invariance, and kind to float32). MM charges are switched by
-    ``embedding`` (periodic systems) and scaled by ``coupling``. Returns
-    ``(outputs, qm_pos, mm_pos, dE/dqm_pos, dE/dmm_pos)`` with the positions as
-    the model saw them; ``create_graph`` keeps the graph for training on forces.
+
+def near_atoms(qm: torch.Tensor, mm: torch.Tensor, mm_atom: torch.Tensor, radius: float
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices [B, m] (into the M axis) of the real MM atoms within ``radius`` of a QM atom, and a 0/1 mask.
+
+    At least two entries per frame (the compiled model takes sizes of 1 or more;
+    the mask makes padding entries count for nothing).
     """
-    B = p.n_frames
-    count = torch.bincount(p.qm_frame, minlength=B)
-    origin = p.qm_pos[torch.cumsum(count, 0) - count]  # first QM atom of each frame (frame-major order)
-    qm = (p.qm_pos - origin[p.qm_frame]).to(dtype).requires_grad_(True)
-    mm = (p.mm_pos - origin[p.mm_frame]).to(dtype).requires_grad_(True)
-    with record_function("qmmm:forward"):
-        charges = embedding.effective_charges(p, qm, mm) if embedding is not None else p.mm_charge
-        charges = charges.to(dtype) * coupling
-        out = model(species, qm, p.qm_frame, mm, charges, p.mm_frame, total_charge, B)
-    with record_function("qmmm:backward"):
-        g_qm, g_mm = torch.autograd.grad(out["energy"].sum(), [qm, mm], create_graph=create_graph,
-                                         allow_unused=True)
-    if g_mm is None:
-        g_mm = torch.zeros_like(mm)
-    return out, qm, mm, g_qm, g_mm
+    with torch.no_grad():
+        close = (torch.cdist(qm, mm).amin(dim=1) < radius) & (mm_atom >= 0)     # [B, M]
+        count = close.sum(dim=1)
+        width = max(int(count.max()) if close.numel() else 0, 2)
+        order = torch.argsort((~close).to(torch.int8), dim=1, stable=True)[:, :width]
+        if order.shape[1] < width:  # fewer than two MM atoms at all
+            order = torch.nn.functional.pad(order, (0, width - order.shape[1]))
+        mask = torch.arange(width, device=qm.device)[None, :] < count[:, None]
+    return order, mask
 
 
-class Evaluator:
-    """Evaluates ``model`` on configurations of ``system`` on one device.
+class ModelEvaluator:
+    """Evaluates a model on configurations of ``structure`` on one device.
 
     ``dtype`` is the model's precision (float32 or float64); the embedding and
-    the energies are always float64. ``coupling`` scales every MM charge (the
-    QM-MM electrostatic coupling strength, 1 by default).
+    the energies are float64. ``compiled`` is an ahead-of-time compiled form of
+    the model's :class:`~qmmm_driver.nn.potential.Potential` (the eager one
+    otherwise). Parameter: ``coupling`` scales every MM charge (the QM-MM
+    electrostatic coupling strength, 1 by default).
     """
 
-    def __init__(self, model: QMMMModel, system: QMMMSystem, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, coupling: float = 1.0):
+    parameters = {"coupling": (float, 1.0, "scales every MM charge (QM-MM electrostatic coupling), e.g. for "
+                                            "Hamiltonian REMD")}
+
+    def __init__(self, model: QMMMModel, structure: QMMMStructure, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, compiled=None):
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(self.device, dtype).eval()
-        self.system = system
-        self.coupling = float(coupling)
+        self.structure = structure
         s = model.settings
-        self.embedding = Embedding(system, s.mm_switch_on, s.mm_switch_off, self.device, torch.float64)
-        self.species = torch.as_tensor(species_of(model, system), device=self.device)
-        self.total_charge = float(system.qm_charge)
+        self.embedding = Embedding(structure, s.mm_switch_on, s.mm_switch_off, self.device)
+        self.potential = compiled if compiled is not None else Potential(self.model)
+        self.compiled = compiled is not None
+        self.near_radius = s.short_range_cutoff if s.short_range else 0.0
+        self._species = torch.as_tensor(species_of(model, structure), device=self.device)
+        self._total = float(structure.qm_total_charge)
 
     def present(self, positions: np.ndarray, cells: np.ndarray | None) -> Presented:
         pos = torch.as_tensor(np.asarray(positions, dtype=np.float64), device=self.device)
         if pos.ndim == 2:
             pos = pos[None]
-        if pos.shape[1] != self.system.n_atoms:
-            self.system.check_atoms(pos.shape[1])
+        if pos.shape[1] != self.structure.n_atoms:
+            self.structure.check_atoms(pos.shape[1])
         cell_t = None
-        if cells is not None and self.system.periodic:
+        if cells is not None and self.structure.periodic:
             cell_t = torch.as_tensor(np.asarray(cells, dtype=np.float64), device=self.device).reshape(-1, 3, 3)
         return self.embedding.present(pos, cell_t)
 
-    def compute(self, positions: np.ndarray, cells: np.ndarray | None = None) -> Results:
+    def compute(self, positions: np.ndarray, cells: np.ndarray | None = None,
+                params: Mapping[str, object] | None = None) -> Results:
         """Evaluate frames ``positions`` [B, N, 3] (or [N, 3]) with ``cells`` [B, 3, 3] (Bohr)."""
+        coupling = float((params or {}).get("coupling", 1.0))
         with record_function("qmmm:present"):
-            p = self.present(positions, cells)
+            try:
+                p = self.present(positions, cells)
+            except NonFiniteInput as err:
+                raise NonFiniteResult(str(err)) from err
         B = p.n_frames
-        total = torch.full((B,), self.total_charge, device=self.device)
-        out, qm, mm, g_qm, g_mm = run_model(self.model, p, self.species.repeat(B), total, self.dtype,
-                                            self.embedding, self.coupling)
+        with record_function("qmmm:model"):
+            # relative to each frame's first QM atom: exact by translation invariance, and kind to float32
+            origin = p.qm_pos[:, :1]
+            qm = (p.qm_pos - origin).requires_grad_(p.group is not None)
+            mm = (p.mm_pos - origin).requires_grad_(p.group is not None)
+            charges = p.charges(qm, mm) * coupling
+            near, mask = near_atoms(qm, mm, p.mm_atom, self.near_radius)
+            energy, g_qm, g_mm, g_q, qm_charges, dipole = self.potential(
+                self._species.expand(B, -1), qm.detach().to(self.dtype), mm.detach().to(self.dtype),
+                charges.detach().to(self.dtype), near, mask.to(self.dtype),
+                torch.full((B,), self._total, device=self.device, dtype=self.dtype))
+            g_qm, g_mm = g_qm.double(), g_mm.double()
+            if p.group is not None:  # the switched charges depend on the positions
+                via_qm, via_mm = torch.autograd.grad(charges, [qm, mm], g_q.double())
+                g_qm, g_mm = g_qm + via_qm, g_mm + via_mm
         with record_function("qmmm:assemble"):
-            return self._assemble(p, out, qm, mm, g_qm.double(), g_mm.double())
+            return self._assemble(p, energy, qm.detach() + origin, mm.detach() + origin, g_qm, g_mm, qm_charges,
+                                  dipole)
 
-    def _assemble(self, p: Presented, out: dict, qm, mm, g_qm, g_mm) -> Results:
+    def _assemble(self, p: Presented, energy, qm, mm, g_qm, g_mm, qm_charges, dipole) -> Results:
         """Forces on the original atoms, virials and extras, on the host (float64)."""
-        B = p.n_frames
-        n = self.system.n_atoms
-        forces = torch.zeros(B * n, 3, device=self.device, dtype=torch.float64)
-        forces.index_add_(0, p.qm_frame * n + p.qm_atom, -g_qm)
-        forces.index_add_(0, p.mm_frame * n + p.mm_atom, -g_mm)
-        virial = torch.zeros(B, 3, 3, device=self.device, dtype=torch.float64)
-        virial.index_add_(0, p.qm_frame, -g_qm[:, :, None] * qm.detach().double()[:, None, :])
-        virial.index_add_(0, p.mm_frame, -g_mm[:, :, None] * mm.detach().double()[:, None, :])
-
+        B, n = p.n_frames, self.structure.n_atoms
+        forces = torch.zeros(B, n + 1, 3, device=self.device, dtype=torch.float64)  # slot n: padding
+        forces[:, self.embedding.qm_idx] = -g_qm
+        forces.scatter_add_(1, torch.where(p.mm_atom >= 0, p.mm_atom, n)[..., None].expand(-1, -1, 3), -g_mm)
+        virial = -(torch.einsum("bia,bic->bac", g_qm, qm) + torch.einsum("bia,bic->bac", g_mm, mm))
         res = Results(
-            energy=out["energy"].detach().cpu().numpy(),
-            forces=forces.reshape(B, n, 3).cpu().numpy(),
+            energy=energy.double().cpu().numpy(),
+            forces=forces[:, :n].cpu().numpy(),
             virial=virial.cpu().numpy(),
-            qm_charges=out["charges"].detach().double().reshape(B, -1).cpu().numpy(),
-            dipole=out["dipole"].detach().double().cpu().numpy(),
-            n_mm_embedded=torch.bincount(p.mm_frame, minlength=B).cpu().numpy(),
+            qm_charges=qm_charges.double().cpu().numpy(),
+            dipole=dipole.double().cpu().numpy(),
+            n_mm_embedded=(p.mm_atom >= 0).sum(dim=1).cpu().numpy(),
         )
         self._check_finite(res, p)
         return res
@@ -157,13 +216,11 @@ class Evaluator:
             return
         b = int(np.flatnonzero(bad)[0])
         detail = ""
-        qm = p.qm_pos[p.qm_frame == b]
-        mm = p.mm_pos[p.mm_frame == b]
-        if mm.numel():
-            d = torch.cdist(qm, mm)
+        real = p.mm_atom[b] >= 0
+        if bool(real.any()):
+            d = torch.cdist(p.qm_pos[b], p.mm_pos[b][real])
             k = int(torch.argmin(d))
-            i, j = divmod(k, mm.shape[0])
-            atom_i = int(p.qm_atom[p.qm_frame == b][i])
-            atom_j = int(p.mm_atom[p.mm_frame == b][j])
-            detail = f"; closest QM-MM pair: atoms {atom_i} and {atom_j} at {float(d.flatten()[k]):.3f} bohr"
+            i, j = divmod(k, int(real.sum()))
+            detail = (f"; closest QM-MM pair: atoms {int(self.embedding.qm_idx[i])} and "
+                      f"{int(p.mm_atom[b][real][j])} at {float(d.flatten()[k]):.3f} bohr")
         raise NonFiniteResult(f"the model gave a non-finite energy or force for frame {b}{detail}")

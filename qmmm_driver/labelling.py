@@ -12,40 +12,30 @@ population scheme); the dipole is taken about the QM centre of mass.
 Runs are resumable: each labelled frame is appended to the output with its
 ``source_index``; frames whose SCF fails are reported, listed in
 ``OUTPUT.failed.json`` and skipped. ``--spread`` labels in a fixed shuffled
-order, so that a run stopped early leaves an unbiased subset.
+order, so that a run stopped early leaves an unbiased subset. A run killed
+while appending leaves at most a torn last frame; the next run detects it (a
+missing line or a last line cut inside a number) and rewrites the file
+atomically without it. PySCF's scratch files go to a private directory that is
+removed at the end, and on the next start if a killed run left one.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .frames import Frame, read_frames, write_frames
+from .structures import QMMMStructure, complete_frames, read_structures, write_atomically, write_structures
 
 
 class LabelError(RuntimeError):
     """A frame that could not be labelled (SCF failure)."""
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("frames", type=Path, help="unlabelled frames (extended XYZ)")
-    parser.add_argument("--out", type=Path, required=True, help="labelled frames (appended; rerun to resume)")
-    parser.add_argument("--xc", default="b3lyp", help="exchange-correlation functional (default b3lyp)")
-    parser.add_argument("--basis", default="6-31+g*", help="basis set (default 6-31+g*)")
-    parser.add_argument("--no-density-fit", action="store_true", help="exact Coulomb/exchange instead of density fitting")
-    parser.add_argument("--conv-tol", type=float, default=1e-10, help="SCF energy convergence, Hartree (default 1e-10)")
-    parser.add_argument("--threads", type=int, default=None, help="PySCF threads (default: all cores)")
-    parser.add_argument("--limit", type=int, default=None, help="label at most this many new frames")
-    parser.add_argument("--spread", action="store_true",
-                        help="label frames in a fixed shuffled order, so that an unfinished run is an unbiased "
-                             "subset of the file (e.g. covers every umbrella window); resuming keeps the order")
-    parser.add_argument("--decimals", type=int, default=6,
-                        help="decimals of per-atom numbers in the output (default 6: 1e-6 A, e, eV/A)")
 
 
 def _scf(mol, xc: str, density_fit: bool, coords: np.ndarray, charges: np.ndarray, conv_tol: float):
@@ -60,6 +50,7 @@ def _scf(mol, xc: str, density_fit: bool, coords: np.ndarray, charges: np.ndarra
     mf.conv_tol = conv_tol
     mf.max_cycle = 100
     mf.verbose = 0
+    mf.chkfile = None  # no checkpoint file: labels go to the output, nothing to resume inside one SCF
     return mf
 
 
@@ -88,8 +79,8 @@ def reference_string(xc: str, basis: str, density_fit: bool) -> str:
     return f"{xc.upper()}/{basis}{fit}, PySCF {pyscf.__version__}, MM point charges (electrostatic embedding)"
 
 
-def label_frame(frame: Frame, xc: str = "b3lyp", basis: str = "6-31+g*", density_fit: bool = True,
-                conv_tol: float = 1e-10, guess: np.ndarray | None = None) -> Frame:
+def label_frame(frame: QMMMStructure, xc: str = "b3lyp", basis: str = "6-31+g*", density_fit: bool = True,
+                conv_tol: float = 1e-10, guess: np.ndarray | None = None) -> QMMMStructure:
     """Return a copy of ``frame`` with energy, forces on all atoms, IAO charges and dipole.
 
     ``guess`` is a density matrix to start the SCF from (the previous frame's,
@@ -132,29 +123,52 @@ def label_frame(frame: Frame, xc: str = "b3lyp", basis: str = "6-31+g*", density
     qm_charges = np.zeros(len(frame.numbers))
     qm_charges[qm] = iao_charges(mf)
     info = dict(frame.info, reference=reference_string(xc, basis, density_fit), qm_charges_scheme="iao")
-    labelled = Frame(numbers=frame.numbers.copy(), positions=frame.positions.copy(), qm=frame.qm.copy(),
-                     mm_charge=frame.mm_charge.copy(), qm_total_charge=frame.qm_total_charge,
-                     qm_multiplicity=frame.qm_multiplicity, cell=frame.cell, energy=float(energy),
-                     forces=forces, qm_charges=qm_charges, dipole=dipole, info=info)
+    labelled = replace(frame, energy=float(energy), forces=forces, qm_charges=qm_charges, dipole=dipole, info=info)
     labelled.density = mf.make_rdm1()
     return labelled
 
 
 def completed_indices(out: Path) -> set[int]:
-    """``source_index`` of the frames already in ``out``; a torn last frame (killed run) is cut off."""
+    """``source_index`` of the frames already in ``out``; a torn last frame (killed run) is cut off atomically."""
     import ase.io
 
+    for tmp in out.parent.glob(f".{out.name}.*.tmp"):  # the rewrite of a run killed while it repaired the file
+        tmp.unlink(missing_ok=True)
     if not out.exists() or out.stat().st_size == 0:
         return set()
-    done, good = set(), []
+    size, count = complete_frames(out)
+    if size < out.stat().st_size:
+        print(f"{out}: the last frame is incomplete (interrupted run); keeping the {count} complete frames")
+        write_atomically(out, out.read_bytes()[:size])
+    if count == 0:
+        return set()
+    return {int(a.info["source_index"]) for a in ase.io.iread(out, index=":", format="extxyz")}
+
+
+@contextmanager
+def scratch_directory(out: Path):
+    """A private scratch directory for PySCF, removed at the end; those of earlier runs whose process
+    is gone (killed) are removed first."""
+    from pyscf import lib
+
+    base = Path(tempfile.gettempdir())
+    for old in base.glob("qmmm-driver-label-*"):
+        try:
+            pid = int(old.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+    path = base / f"qmmm-driver-label-{os.getpid()}"
+    path.mkdir(exist_ok=True)
+    previous = lib.param.TMPDIR
+    lib.param.TMPDIR = str(path)
     try:
-        for atoms in ase.io.iread(out, index=":", format="extxyz"):
-            good.append(atoms)
-            done.add(int(atoms.info["source_index"]))
-    except Exception:
-        print(f"{out}: the last frame is incomplete (interrupted run); keeping the {len(good)} complete frames")
-        ase.io.write(out, good, format="extxyz")
-    return done
+        yield path
+    finally:
+        lib.param.TMPDIR = previous
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def label_file(source: Path, out: Path, xc: str = "b3lyp", basis: str = "6-31+g*", density_fit: bool = True,
@@ -163,7 +177,7 @@ def label_file(source: Path, out: Path, xc: str = "b3lyp", basis: str = "6-31+g*
     """Label the frames of ``source`` not yet in ``out``. Returns (labelled, failed) counts of this run."""
     from tqdm import tqdm
 
-    frames = read_frames(source)
+    frames = read_structures(source)
     failed_log = out.with_name(out.name + ".failed.json")
     failed = {int(k): v for k, v in json.loads(failed_log.read_text()).items()} if failed_log.exists() else {}
     done = completed_indices(out)
@@ -174,29 +188,18 @@ def label_file(source: Path, out: Path, xc: str = "b3lyp", basis: str = "6-31+g*
     n_ok = n_bad = 0
     bar = tqdm(todo, desc=f"labelling {source.name}", unit="frame", disable=not progress)
     guess = None
-    for i in bar:
-        try:
-            labelled = label_frame(frames[i], xc, basis, density_fit, conv_tol, guess)
-        except LabelError as err:
-            failed[i] = str(err)
-            failed_log.write_text(json.dumps(failed, indent=1))
-            bar.write(f"frame {i} of {source}: {err}; skipped (listed in {failed_log})")
-            n_bad += 1
-            continue
-        labelled.info["source_index"] = i
-        guess = labelled.density
-        write_frames(out, [labelled], append=True, decimals=decimals)
-        n_ok += 1
+    with scratch_directory(out):
+        for i in bar:
+            try:
+                labelled = label_frame(frames[i], xc, basis, density_fit, conv_tol, guess)
+            except LabelError as err:
+                failed[i] = str(err)
+                write_atomically(failed_log, json.dumps(failed, indent=1))
+                bar.write(f"frame {i} of {source}: {err}; skipped (listed in {failed_log})")
+                n_bad += 1
+                continue
+            labelled.info["source_index"] = i
+            guess = labelled.density
+            write_structures(out, [labelled], append=True, decimals=decimals)
+            n_ok += 1
     return n_ok, n_bad
-
-
-def main(args: argparse.Namespace) -> int:
-    from pyscf import lib
-
-    lib.num_threads(args.threads or os.cpu_count())
-    if args.out.resolve() == args.frames.resolve():
-        raise InputError("--out must differ from the input frames")
-    n_ok, n_bad = label_file(args.frames, args.out, args.xc, args.basis, not args.no_density_fit,
-                             args.conv_tol, args.limit, args.decimals, spread=args.spread)
-    print(f"labelled {n_ok} frames into {args.out}; {n_bad} failed")
-    return 0

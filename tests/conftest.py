@@ -83,17 +83,24 @@ def water_cluster(n_mm: int = 30, seed: int = 1) -> Atoms:
 
 def tiny_model(elements=("H", "O"), env_order: int = 3, seed: int = 0, **kw):
     """An untrained model with fixed weights and mild, non-trivial statistics."""
-    from qmmm_driver.model import ModelSettings, QMMMModel
+    from ase.data import atomic_masses, atomic_numbers
+
+    from qmmm_driver.nn import ModelSettings, QMMMModel
 
     torch.manual_seed(seed)
-    settings = ModelSettings(elements=list(elements), env_order=env_order, channels=8,
-                             n_layers=2, radial_hidden=8, readout_hidden=8, **kw)
+    kw.setdefault("polarizability", env_order >= 1)
+    settings = ModelSettings(elements=list(elements), masses=[float(atomic_masses[atomic_numbers[e]]) for e in elements],
+                             env_order=env_order, channels=8, n_layers=2, radial_hidden=8, readout_hidden=8, **kw)
     model = QMMMModel(settings)
     with torch.no_grad():
         model.energy_scale.fill_(0.01)
         model.avg_neighbors.fill_(2.0)
+        model.short_neighbors.fill_(5.0)
+        model.polarizability_scale.fill_(3.0)
         model.env_scale.copy_(torch.tensor([0.1, 0.03, 0.01, 0.005])[: env_order + 1])
         model.energy_shift.copy_(torch.linspace(-0.5, -75.0, len(elements), dtype=torch.float64))
+        for p in model.parameters():  # weights large enough that every term matters
+            p.mul_(1.5)
     return model
 
 
@@ -109,7 +116,7 @@ def cluster_atoms():
 
 @pytest.fixture(scope="session")
 def tiny_model_file(tmp_path_factory):
-    from qmmm_driver.model.io import save_model
+    from qmmm_driver.nn.io import save_model
 
     path = tmp_path_factory.mktemp("model") / "tiny.pt"
     save_model(tiny_model(), path, metadata={"note": "untrained test model"})
@@ -138,7 +145,8 @@ def write_frame(atoms, path, box: float | None = None):
 
 
 def read_ipi_bin(path):
-    """Frames ``(h[3,3], q[nat,3], title)`` of an i-PI trajectory written with format='bin'."""
+    """Frames ``(h[3,3], q[nat,3], title)`` of an i-PI trajectory written with format='bin' (the one lossless
+    trajectory format; i-PI 3.3.1's own binary reader fails on its files, so it is read here)."""
     data = Path(path).read_bytes()
     frames, off = [], 0
     cell_tag, close = "cell{".encode("utf-32-le"), "}".encode("utf-32-le")
@@ -159,14 +167,11 @@ def read_ipi_bin(path):
 
 
 def read_ipi_properties(path):
-    """Columns of an i-PI properties file as a dict name -> array (names without units)."""
-    names = []
-    for line in Path(path).read_text().splitlines():
-        m = re.match(r"#\s*column\s+(\d+)\s+-->\s+([^\s:{(]+)", line)
-        if m:
-            names.append(m.group(2))
-    values = np.loadtxt(path, ndmin=2)
-    return {n: values[:, i] for i, n in enumerate(names)}
+    """Columns of an i-PI properties file as a dict name -> array (i-PI's own reader)."""
+    from ipi.scripting import read_output
+
+    values, _ = read_output(str(path))
+    return {name: np.atleast_1d(v) for name, v in values.items()}
 
 
 def ipi_input(address: str, init_file: str, steps: int, *, dt_fs: float = 0.5, nbeads: int = 1,
@@ -357,18 +362,29 @@ def start_mm_worker(procs: Procs, args, log: str = "mm_worker.log"):
     return procs._start(MM_CMD + [str(a) for a in args], log)
 
 
-def minimized_setup(name: str = "water", box_A: float = SMALL_BOX_A, seed: int = 0, cutoff_nm: float = 0.7):
-    """An example system from qmmm_driver.mm_systems with its solvent overlaps removed (OpenMM minimisation).
+def sn2_solute():
+    """The SN2 example's solute (Cl- + CH3Cl, examples/sn2/solute.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sn2"))
+    import solute
+
+    return solute.solute()
+
+
+def minimized_setup(box_A: float = SMALL_BOX_A, seed: int = 0, cutoff_nm: float = 0.7, solute=None):
+    """A QM solute (default: a water) in a box of water (qmmm_driver.mm.systems) with its solvent overlaps removed
+    (OpenMM minimisation).
 
     The QM atoms are held fixed: their internal terms are the model's, not the force field's.
     """
     import openmm
     from openmm import unit
 
-    from qmmm_driver.mm_systems import build_setup
+    from qmmm_driver.mm.forcefield import create_system
+    from qmmm_driver.mm.systems import build_setup, water_solute
 
-    setup = build_setup(name, box_A=box_A, seed=seed)
-    system = setup.create_system(cutoff_nm)
+    setup = build_setup(solute or water_solute(), box_A=box_A, seed=seed)
+    system = create_system(setup.topology, setup.forcefield_files, periodic=True, cutoff_A=cutoff_nm * 10.0,
+                           switch_A=None)
     for i in setup.qm_indices:  # the QM region stays as built (massless particles do not move)
         system.setParticleMass(int(i), 0.0)
     ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"),
@@ -383,7 +399,7 @@ def minimized_setup(name: str = "water", box_A: float = SMALL_BOX_A, seed: int =
 def small_box(tmp_path_factory):
     """A minimised periodic water box: ``{'dir', 'pdb', 'extxyz', 'setup'}`` (files system.pdb, system.extxyz)."""
     directory = tmp_path_factory.mktemp("small_box")
-    setup = minimized_setup("water")
+    setup = minimized_setup()
     files = setup.write(directory)
     return {"dir": directory, "pdb": files["pdb"], "extxyz": files["extxyz"], "setup": setup}
 
@@ -391,7 +407,7 @@ def small_box(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_model_file(tmp_path_factory):
     """A tiny model whose embedding cutoff fits the small box."""
-    from qmmm_driver.model.io import save_model
+    from qmmm_driver.nn.io import save_model
     from qmmm_driver.units import ANGSTROM_TO_BOHR
 
     path = tmp_path_factory.mktemp("model") / "small.pt"

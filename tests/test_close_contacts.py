@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qmmm_driver.frames import read_frames
+from qmmm_driver.launcher import MODELS
+from qmmm_driver.structures import read_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ def load_script():
 
 def test_pushed_water_is_rigid_and_in_range():
     script = load_script()
-    frame = read_frames(REPO / "examples" / "sn2" / "system.extxyz")[0]
+    frame = read_structures(MODELS / "sn2" / "system.extxyz")[0]
     rng = np.random.default_rng(3)
     made = [f for f in (script.push_water(frame, rng) for _ in range(20)) if f is not None]
     assert made, "no frame could be made from the example system"

@@ -1,4 +1,5 @@
-"""QM/MM dynamics from the i-PI templates in inputs/: model worker + OpenMM worker, real i-PI, short runs.
+"""QM/MM dynamics from the i-PI templates in qmmm_driver/inputs/: model worker + OpenMM worker, real i-PI, short
+runs.
 
 Each test copies a template into a run directory beside ``system.extxyz``, ``system.pdb`` and
 ``model.pt`` (links, as a launcher would), shrinks it (beads, replicas, steps, strides) and gives
@@ -20,7 +21,7 @@ import pytest
 
 from conftest import SMALL_MM_ARGS, finish_run, read_ipi_bin, read_ipi_properties, start_mm_worker
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "inputs"
+from qmmm_driver.launcher import TEMPLATES
 ALL_TEMPLATES = ("md-nvt.xml", "nve.xml", "pimd.xml", "remd.xml", "pimd-remd.xml", "hremd.xml")
 
 
@@ -192,9 +193,9 @@ def test_hremd_samples_one_coupling_per_replica(procs, tmp_path, small_box, smal
 
     from ipi.utils.units import unit_to_internal
 
-    from qmmm_driver.evaluator import Evaluator
-    from qmmm_driver.model.io import load_model
-    from qmmm_driver.system import QMMMSystem
+    from qmmm_driver.evaluator import ModelEvaluator
+    from qmmm_driver.nn.io import load_model
+    from qmmm_driver.structures import QMMMStructure
 
     run_dir(tmp_path, small_box, small_model_file)
     full = ("<trajectory filename='q' stride='1' format='bin' cell_units='atomic_unit'> positions{atomic_unit} "
@@ -217,8 +218,8 @@ def test_hremd_samples_one_coupling_per_replica(procs, tmp_path, small_box, smal
                        for k in range(4)], axis=1)
     np.testing.assert_array_equal(active, perm)
 
-    system = QMMMSystem.read(small_box["extxyz"])
-    ev = Evaluator(load_model(small_model_file), system, "cpu", torch.float64)
+    system = QMMMStructure.read(small_box["extxyz"])
+    ev = ModelEvaluator(load_model(small_model_file), system, "cpu", torch.float64)
     couplings = (1.0, 0.75, 0.5, 0.25)
     for k in range(4):
         columns = np.loadtxt(tmp_path / f"replica_{k}_simulation.out", ndmin=2)
@@ -230,8 +231,7 @@ def test_hremd_samples_one_coupling_per_replica(procs, tmp_path, small_box, smal
         cells = np.stack([f[0].T for f in frames])
         energies = []
         for c in couplings:
-            ev.coupling = c
-            energies.append(ev.compute(q, cells).energy)
+            energies.append(ev.compute(q, cells, {"coupling": c}).energy)
         energies = np.stack(energies, axis=1)  # [step, coupling], Hartree
         expected = energies[np.arange(len(q)), np.argmax(weights, axis=1)]
         np.testing.assert_allclose(bias, expected, rtol=1e-8)

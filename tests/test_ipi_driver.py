@@ -19,10 +19,11 @@ import torch
 
 from conftest import (CLUSTER_BOX, Procs, finish_run, ipi_input, read_ipi_bin, read_ipi_properties, served_counts,
                       start_workers_then_ipi, tiny_model, water_box, water_cluster, write_frame)
-from qmmm_driver.evaluator import Evaluator, NonFiniteResult
-from qmmm_driver.ipi_client import (EXIT, FORCEREADY, GETFORCE, HAVEDATA, INIT, NEEDINIT, POSDATA, READY, STATUS,
-                                    ConnectionLost, InitError, IPIClient, parse_init)
-from qmmm_driver.system import QMMMSystem
+from qmmm_driver.evaluator import ModelEvaluator, NonFiniteResult
+from qmmm_driver.ipi.client import (EXIT, FORCEREADY, GETFORCE, HAVEDATA, INIT, MAX_BATCH, NEEDINIT, POSDATA, READY,
+                                    STATUS, ConnectionLost, InitError, IPIClient, parse_init)
+from qmmm_driver.nn.io import load_model
+from qmmm_driver.structures import QMMMStructure
 from qmmm_driver.units import ANGSTROM_TO_BOHR, HARTREE
 
 
@@ -33,27 +34,55 @@ def test_parse_init_forms():
     assert parse_init(" ").params == {} and parse_init(" ").batch_size == 1
     assert parse_init("").batch_size == 1
     p = parse_init(" coupling : 0.5 , ")  # i-PI's own format, trailing separator
-    assert p.params == {"coupling": 0.5} and p.batch_size == 1
+    assert p.params == {"coupling": "0.5"} and p.batch_size == 1
     p = parse_init(" coupling : 0.25 , , batch_size:4")  # batched: i-PI appends ", batch_size:N"
-    assert p.params == {"coupling": 0.25} and p.batch_size == 4
+    assert p.params == {"coupling": "0.25"} and p.batch_size == 4
     p = parse_init("batch_size:2")  # no <parameters>: no separator
     assert p.params == {} and p.batch_size == 2
-    assert parse_init(b" coupling : 1e-1 ,").params["coupling"] == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("text, words", [
-    (" foo : 1 , ", ["unknown parameter 'foo'", "coupling"]),
-    (" coupling : abc , ", ["'coupling'", "abc", "float"]),
-    (" coupling : nan , ", ["coupling", "finite"]),
     (" coupling , ", ["expected 'key : value'"]),
     (" , batch_size:x", ["batch_size", "not an integer"]),
-    (" , batch_size:0", ["batch_size", "at least 1"]),
+    (" , batch_size:0", ["batch_size 0", "1 to"]),
+    (" , batch_size:100000000", ["batch_size 100000000", f"1 to {MAX_BATCH}", "<batch_size>"]),
 ])
 def test_parse_init_errors(text, words):
     with pytest.raises(InitError) as info:
         parse_init(text)
     for w in words:
         assert w in str(info.value)
+
+
+@pytest.mark.parametrize("text, words", [
+    (" foo : 1 , ", ["unknown parameter(s) ['foo']", "coupling ("]),
+    (" coupling : abc , ", ["'coupling'", "abc", "float"]),
+    (" coupling : nan , ", ["coupling", "finite"]),
+])
+def test_init_parameters_are_checked_by_the_evaluator(box_case, text, words):
+    """Names and values of <parameters> are the evaluator's to accept; errors end the session before any
+    position is read."""
+    atoms, system, model, pos, rows = box_case
+    a, b = socket.socketpair()
+    with a, b:
+        client = IPIClient(b, ModelEvaluator(model, system, "cpu", torch.float64))
+        thread, out = _serve_in_thread(client)
+        _FakeIPI(a).init(text)
+        thread.join(10)
+    assert isinstance(out.get("error"), InitError)
+    for w in words:
+        assert w in str(out["error"])
+
+
+def test_an_oversized_init_string_is_refused_before_it_is_read(box_case):
+    atoms, system, model, pos, rows = box_case
+    a, b = socket.socketpair()
+    with a, b:
+        client = IPIClient(b, ModelEvaluator(model, system, "cpu", torch.float64))
+        thread, out = _serve_in_thread(client)
+        _FakeIPI(a).send(INIT, np.int32(0), np.int32(2**31 - 1))  # announced, never sent
+        thread.join(10)
+    assert isinstance(out.get("error"), InitError) and "2147483647 bytes" in str(out["error"])
 
 
 # --------------------------------------------------------------------------- protocol against a scripted server (fast)
@@ -113,7 +142,7 @@ def _serve_in_thread(client):
 @pytest.fixture(scope="module")
 def box_case():
     atoms = water_box(triclinic=True)
-    system = QMMMSystem.from_atoms(atoms, source="box")
+    system = QMMMStructure.from_atoms(atoms, source="box")
     model = tiny_model()
     pos = atoms.positions * ANGSTROM_TO_BOHR
     rows = atoms.cell.array * ANGSTROM_TO_BOHR
@@ -123,8 +152,9 @@ def box_case():
 def test_protocol_unbatched_and_batched_against_scripted_server(box_case):
     """Bytes on the wire: cell transposition, batch layout, coupling from INIT, extras JSON, EXIT."""
     atoms, system, model, pos, rows = box_case
-    ev = Evaluator(model, system, "cpu", torch.float64)
-    ref = Evaluator(tiny_model(), system, "cpu", torch.float64, coupling=0.5)
+    ev = ModelEvaluator(model, system, "cpu", torch.float64)
+    ref = ModelEvaluator(tiny_model(), system, "cpu", torch.float64)
+    half = {"coupling": 0.5}
     n = len(atoms)
     h = rows.T.copy()  # i-PI's h: lattice vectors as columns
     ih = np.linalg.inv(h)
@@ -133,7 +163,7 @@ def test_protocol_unbatched_and_batched_against_scripted_server(box_case):
 
     a, b = socket.socketpair()
     with a, b:
-        client = IPIClient(b, ev, system)
+        client = IPIClient(b, ev)
         thread, out = _serve_in_thread(client)
         srv = _FakeIPI(a)
         assert srv.status() == NEEDINIT
@@ -142,7 +172,7 @@ def test_protocol_unbatched_and_batched_against_scripted_server(box_case):
         # consolidated i-PI: POSDATA and GETFORCE in one send, no STATUS in between
         srv.send(POSDATA, h, ih, np.int32(n), frames[0], GETFORCE)
         pot, f, vir, extras = srv.forces(1, n)
-        r = ref.compute(frames[:1], rows[None])
+        r = ref.compute(frames[:1], rows[None], half)
         np.testing.assert_allclose(pot, r.energy, rtol=1e-13)
         np.testing.assert_allclose(f, r.forces, rtol=1e-10, atol=1e-13)
         np.testing.assert_allclose(vir, r.virial, rtol=1e-10, atol=1e-13)
@@ -152,13 +182,13 @@ def test_protocol_unbatched_and_batched_against_scripted_server(box_case):
         assert srv.status() == HAVEDATA
         srv.send(GETFORCE)
         pot1, f1, _, _ = srv.forces(1, n)
-        np.testing.assert_allclose(f1, ref.compute(frames[1:2], rows[None]).forces, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(f1, ref.compute(frames[1:2], rows[None], half).forces, rtol=1e-10, atol=1e-13)
         # batched: i-PI re-initialises nothing, but a new INIT with batch_size switches the layout
         srv.init(" coupling : 0.5 , , batch_size:4")
         cells = np.concatenate([np.stack([h, ih])] * 4)
         srv.send(POSDATA, np.int32(n), cells, frames, GETFORCE)
         pots, fs, virs, extras = srv.forces(4, n)
-        rb = ref.compute(frames, np.repeat(rows[None], 4, 0))
+        rb = ref.compute(frames, np.repeat(rows[None], 4, 0), half)
         np.testing.assert_allclose(pots, rb.energy, rtol=1e-13)
         np.testing.assert_allclose(fs, rb.forces, rtol=1e-10, atol=1e-13)
         assert len(extras) == 4 and extras[3]["qm_charges"] == pytest.approx(rb.qm_charges[3].tolist())
@@ -179,7 +209,7 @@ def test_protocol_errors_against_scripted_server(box_case):
     # atom count
     a, b = socket.socketpair()
     with a, b:
-        client = IPIClient(b, Evaluator(model, system, "cpu", torch.float64), system)
+        client = IPIClient(b, ModelEvaluator(model, system, "cpu", torch.float64))
         thread, out = _serve_in_thread(client)
         srv = _FakeIPI(a)
         srv.init(" ")
@@ -189,14 +219,15 @@ def test_protocol_errors_against_scripted_server(box_case):
 
     # non-finite result: nothing is sent back
     class NaNEvaluator:
-        coupling = 1.0
+        structure = system
+        parameters = {}
 
-        def compute(self, positions, cells):
+        def compute(self, positions, cells, params):
             raise NonFiniteResult("the model gave a non-finite energy or force for frame 0")
 
     a, b = socket.socketpair()
     with a:
-        client = IPIClient(b, NaNEvaluator(), system)
+        client = IPIClient(b, NaNEvaluator())
         thread, out = _serve_in_thread(client)
         srv = _FakeIPI(a)
         srv.init(" ")
@@ -213,7 +244,7 @@ def test_protocol_errors_against_scripted_server(box_case):
     # EOF without EXIT
     a, b = socket.socketpair()
     with b:
-        client = IPIClient(b, Evaluator(model, system, "cpu", torch.float64), system)
+        client = IPIClient(b, ModelEvaluator(model, system, "cpu", torch.float64))
         thread, out = _serve_in_thread(client)
         srv = _FakeIPI(a)
         assert srv.status() == NEEDINIT
@@ -241,12 +272,11 @@ def test_ipi_records_evaluator_forces_and_energy(procs, tmp_path, tiny_model_fil
     props = read_ipi_properties(tmp_path / "sim.out")
     assert len(pos) == len(frc) == len(props["potential"]) == 4
 
-    system = QMMMSystem.read(frame)
-    from qmmm_driver.model.io import load_model
-    ev = Evaluator(load_model(tiny_model_file), system, "cpu", torch.float64, coupling=0.5)
+    system = QMMMStructure.read(frame)
+    ev = ModelEvaluator(load_model(tiny_model_file), system, "cpu", torch.float64)
     q = np.stack([p[1] for p in pos])
     cells = np.stack([p[0].T for p in pos])  # i-PI h has lattice vectors as columns
-    res = ev.compute(q, cells)
+    res = ev.compute(q, cells, {"coupling": 0.5})
     f_ipi = np.stack([f[1] for f in frc])
     scale = np.abs(res.forces).max()
     np.testing.assert_allclose(f_ipi, res.forces, rtol=1e-8, atol=1e-8 * scale)
@@ -263,11 +293,9 @@ def test_ipi_records_evaluator_forces_and_energy(procs, tmp_path, tiny_model_fil
         assert extras["qm_indices"] == [0, 1, 2]
 
     # the comparison is sensitive to what it checks: coupling and the cell convention
-    ev.coupling = 1.0
     assert np.abs(ev.compute(q, cells).forces - f_ipi).max() > 1e-6 * scale
-    ev.coupling = 0.5
     try:
-        wrong = ev.compute(q, cells.transpose(0, 2, 1))
+        wrong = ev.compute(q, cells.transpose(0, 2, 1), {"coupling": 0.5})
         assert np.abs(wrong.forces - f_ipi).max() > 1e-6 * scale
     except Exception as err:  # the untransposed matrix may not even be a valid cell for the cutoff
         assert "cell" in str(err)

@@ -1,5 +1,6 @@
-"""`qmmm-driver launch`: one command runs i-PI and its workers, shows progress, and cleans up
-after the end of the run, Ctrl-C, or a killed worker, leaving the outputs and a checkpoint."""
+"""`qmmm-driver launch`: one command runs i-PI and its workers, shows progress, and cleans up after the end of
+the run, Ctrl-C, SIGTERM, SIGHUP, a killed worker or a stalled run, leaving the outputs and a checkpoint; a
+restart continues from the newest checkpoint with every step exactly once."""
 
 import os
 import re
@@ -14,7 +15,8 @@ import pytest
 
 from conftest import SMALL_MM_ARGS, read_ipi_properties
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "inputs"
+from qmmm_driver.launcher import TEMPLATES, auto_batch
+
 LAUNCH = [sys.executable, "-m", "qmmm_driver.cli", "launch"]
 
 
@@ -29,11 +31,14 @@ def example(tmp_path, small_box, small_model_file):
     return d
 
 
-def short_input(tmp_path, template: str, steps: int) -> Path:
+def short_input(tmp_path, template: str, steps: int, checkpoint_stride: int = 1, nbeads: int | None = None) -> Path:
     root = ET.parse(TEMPLATES / template).getroot()
     root.find("total_steps").text = f" {steps} "
     for out in root.find("output"):
-        out.set("stride", "1")
+        out.set("stride", str(checkpoint_stride) if out.tag == "checkpoint" else "1")
+    if nbeads is not None:
+        for init in root.iter("initialize"):
+            init.set("nbeads", str(nbeads))
     path = tmp_path / template
     ET.ElementTree(root).write(path)
     return path
@@ -113,6 +118,21 @@ def test_ctrl_c_stops_softly_and_restart_continues(tmp_path, example):
     assert leftovers(run_dir) == []
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_scheduler_signals_stop_softly(tmp_path, example, sig):
+    """What a batch scheduler sends at the wall-time limit (SIGTERM) or a closed terminal (SIGHUP) is a Ctrl-C:
+    i-PI writes RESTART, every process stops, no socket file is left."""
+    run_dir = tmp_path / "run"
+    proc = start([short_input(tmp_path, "md-nvt.xml", 100000), "--example", example, "--run-dir", run_dir,
+                  "--no-progress"])
+    wait_for_steps(run_dir, 3, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert f"stopped by {signal.Signals(sig).name}" in err
+    assert (run_dir / "RESTART").exists() and leftovers(run_dir) == []
+
+
 def test_killed_worker_stops_the_run_cleanly(tmp_path, example):
     run_dir = tmp_path / "run"
     proc = start([short_input(tmp_path, "md-nvt.xml", 100000), "--example", example, "--run-dir", run_dir,
@@ -126,15 +146,96 @@ def test_killed_worker_stops_the_run_cleanly(tmp_path, example):
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 1, err[-3000:]
     assert re.search(r"worker qmmm-w0 exited with code -9", err)
-    assert "continue with --restart" in err
+    assert "continue with: qmmm-driver launch --restart" in err
     assert (run_dir / "RESTART").exists() and len(steps_done(run_dir)) >= 2
+    assert leftovers(run_dir) == []
+
+
+def test_a_stalled_run_is_stopped(tmp_path, example):
+    """A worker frozen (as one killed in a way i-PI does not notice): no step for --stall-timeout seconds ends
+    the run cleanly, with a message, instead of a launcher printing the same step forever."""
+    run_dir = tmp_path / "run"
+    proc = start([short_input(tmp_path, "md-nvt.xml", 100000), "--example", example, "--run-dir", run_dir,
+                  "--no-progress", "--stall-timeout", "15"])
+    wait_for_steps(run_dir, 2, proc)
+    address = re.search(r"qd[0-9a-f]{8}-qmmm", (run_dir / "input.xml").read_text()).group(0)
+    pids = subprocess.run(["pgrep", "-f", f"run .*--unix {address}"], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        os.kill(int(pid), signal.SIGSTOP)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 1, err[-3000:]
+    assert "has not advanced for 15 s" in err
+    assert leftovers(run_dir) == []
+
+
+def test_restart_after_ipi_died_continues_from_the_periodic_checkpoint(tmp_path, example):
+    """i-PI killed (no RESTART written): --restart takes simulation.chk, cuts the outputs back to its step, and
+    the finished run has every step exactly once, in properties and trajectories."""
+    run_dir = tmp_path / "run"
+    proc = start([short_input(tmp_path, "md-nvt.xml", 30, checkpoint_stride=4), "--example", example,
+                  "--run-dir", run_dir, "--no-progress"])
+    wait_for_steps(run_dir, 11, proc)
+    ipi = subprocess.run(["pgrep", "-f", "i-pi input.xml"], capture_output=True, text=True).stdout.split()
+    for pid in ipi:
+        if str(run_dir) in Path(f"/proc/{pid}/cwd").resolve().as_posix():
+            os.kill(int(pid), signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "i-PI exited with code -9" in err, err[-3000:]
+    assert not (run_dir / "RESTART").exists() and leftovers(run_dir) == []
+    res = subprocess.run(LAUNCH + ["--restart", "--example", str(example), "--run-dir", str(run_dir)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    chk = int(re.search(r"from simulation.chk at step (\d+)", res.stderr).group(1))
+    assert chk % 4 == 0 and chk >= 8
+    assert re.search(rf"\b{chk}/30\b", res.stderr)  # the progress bar starts where the run left off
+    assert steps_done(run_dir) == list(range(31))
+    for traj in ("simulation.pos_0.extxyz",):
+        steps = [int(m) for m in re.findall(r"Step:\s+(\d+)", (run_dir / traj).read_text())]
+        assert steps == list(range(31)), traj
     assert leftovers(run_dir) == []
 
 
 def test_launch_refuses_bad_input(tmp_path, example):
     res = subprocess.run(LAUNCH + [str(tmp_path / "missing.xml"), "--example", str(example)],
                          capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and "missing.xml does not exist" in res.stderr
+    assert res.returncode == 2 and "missing.xml does not exist" in res.stderr and "shipped templates" in res.stderr
     res = subprocess.run(LAUNCH + [str(TEMPLATES / "md-nvt.xml"), "--example", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "has no example.toml" in res.stderr
+    res = subprocess.run(LAUNCH + ["md-nvt", "--example", str(example), "--workers", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--workers 0" in res.stderr
+    res = subprocess.run(LAUNCH + ["--restart", "--example", str(example), "--run-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "holds no checkpoint" in res.stderr
+
+
+def test_a_failed_launch_leaves_a_directory_launch_takes_again(tmp_path, example):
+    """A launch that fails before i-PI wrote anything (here: the model file is not a model) can simply be run
+    again in the same directory once the cause is fixed."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    text = (example / "example.toml").read_text()
+    (bad / "broken.pt").write_text("not a model")
+    (bad / "example.toml").write_text(re.sub(r'model = "[^"]*"', f'model = "{bad / "broken.pt"}"', text))
+    run_dir = tmp_path / "run"
+    res = subprocess.run(LAUNCH + [str(short_input(tmp_path, "md-nvt.xml", 2)), "--example", str(bad),
+                                   "--run-dir", str(run_dir), "--no-progress"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1 and "exited with code 2" in res.stderr, res.stderr[-2000:]
+    assert leftovers(run_dir) == []
+    res = subprocess.run(LAUNCH + [str(short_input(tmp_path, "md-nvt.xml", 2)), "--example", str(example),
+                                   "--run-dir", str(run_dir), "--no-progress"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert steps_done(run_dir) == [0, 1, 2]
+
+
+def test_auto_batch_never_pads():
+    """The batch the launcher picks divides the beads, so i-PI's batches are always full."""
+    for nbeads in (1, 2, 4, 8, 16, 32):
+        for systems in (1, 4):
+            for workers in (1, 2, 3, 4):
+                b = auto_batch(nbeads, systems, workers)
+                assert nbeads % b == 0 and b <= -(-nbeads * systems // workers)
+    assert auto_batch(16, 1, 1) == 16 and auto_batch(16, 1, 2) == 8 and auto_batch(16, 4, 2) == 16

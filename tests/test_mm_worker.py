@@ -21,9 +21,9 @@ import pytest
 from scipy.constants import N_A, physical_constants
 
 from conftest import (SMALL_MM_ARGS, finish_run, ipi_input, minimized_setup, read_ipi_bin, read_ipi_properties,
-                      start_mm_worker)
-from qmmm_driver import mm_worker
-from qmmm_driver.mm_forcefield import reduced_box
+                      sn2_solute, start_mm_worker)
+from qmmm_driver.cli import mm as mm_worker
+from qmmm_driver.mm.forcefield import force_field_charges, reduced_box
 from qmmm_driver.parallel import Placement
 
 HARTREE_KJ_PER_MOL = physical_constants["Hartree energy"][0] * N_A / 1000.0
@@ -153,7 +153,7 @@ def mm_only_openmm(setup, pos_bohr, cell_bohr, qm, cutoff_A=CUTOFF_A, switch_A=S
     qm_residues = {a.residue for a in setup.topology.atoms() if qm[a.index]}
     assert all(qm[a.index] for r in qm_residues for a in r.atoms())  # whole molecules
     modeller.delete(list(qm_residues))
-    system = setup.forcefield().createSystem(
+    system = app.ForceField(*setup.forcefield_files).createSystem(
         modeller.topology, nonbondedMethod=app.PME, nonbondedCutoff=cutoff_A / 10 * unit.nanometer,
         switchDistance=switch_A / 10 * unit.nanometer, constraints=None, rigidWater=False, removeCMMotion=False)
     for f in system.getForces():
@@ -205,7 +205,7 @@ def write_cluster(setup, radius_A: float, directory):
     qm = np.zeros(len(atoms), dtype=np.int64)
     qm[setup.qm_indices] = 1  # the QM region comes first and stays
     atoms.set_array("qm", qm)
-    full = setup.charges()  # the force field's charges, as the model worker would take them
+    full = force_field_charges(setup.create_system())  # the force field's charges, as the model worker takes them
     kept = [a.index for a in setup.topology.atoms() if a.residue not in far]
     atoms.set_array("mm_charge", np.where(qm == 1, 0.0, full[kept]))
     extxyz = directory / "cluster.extxyz"
@@ -216,16 +216,10 @@ def write_cluster(setup, radius_A: float, directory):
 @pytest.fixture(scope="module")
 def boxes(tmp_path_factory):
     out = {}
-    for name in ("water", "sn2"):
-        setup = minimized_setup(name)
+    for name, solute in (("water", None), ("sn2", sn2_solute())):
+        setup = minimized_setup(solute=solute)
         out[name] = (setup, setup.write(tmp_path_factory.mktemp(f"box_{name}")))
     return out
-
-
-def sn2_forcefield():
-    from qmmm_driver.mm_systems import SN2_XML, WATER_XML
-
-    return [WATER_XML, SN2_XML]
 
 
 # --------------------------------------------------------------------------- nothing counted twice
@@ -237,12 +231,13 @@ def test_cluster_equals_numpy_reference(boxes, tmp_path, name):
     setup, _ = boxes[name]
     pdb, extxyz, modeller = write_cluster(setup, 6.0, tmp_path)
     ff = setup.forcefield_files
-    ev, system, text, *_ = mm_worker.build(worker_args("--pdb", pdb, "--forcefield", *ff, "--system", extxyz,
-                                                   "--device", "reference"), Placement())
+    ev, text, *_ = mm_worker.build(worker_args("--pdb", pdb, "--forcefield", *ff, "--system", extxyz,
+                                               "--device", "reference"), Placement())
+    system = ev.structure
     assert "no cutoff" in text and system.n_qm == len(setup.qm_indices)
     from openmm import app, unit
 
-    original = setup.forcefield().createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, constraints=None,
+    original = app.ForceField(*ff).createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, constraints=None,
                                                rigidWater=False)
     terms = force_field_terms(original)
     pos = np.array(modeller.positions.value_in_unit(unit.nanometer)) / BOHR_NM
@@ -278,9 +273,10 @@ def test_periodic_equals_mm_only_plus_qm_mm_lj(boxes, name):
     """PME box: worker = OpenMM on the MM atoms alone + numpy QM-MM Lennard-Jones (minimum image, switch)."""
     setup, files = boxes[name]
     ff = setup.forcefield_files
-    ev, system, text, *_ = mm_worker.build(worker_args("--pdb", files["pdb"], "--forcefield", *ff, "--system",
-                                                   files["extxyz"], "--device", "reference", "--cutoff", CUTOFF_A,
-                                                   "--switch-distance", SWITCH_A), Placement())
+    ev, text, *_ = mm_worker.build(worker_args("--pdb", files["pdb"], "--forcefield", *ff, "--system",
+                                               files["extxyz"], "--device", "reference", "--cutoff", CUTOFF_A,
+                                               "--switch-distance", SWITCH_A), Placement())
+    system = ev.structure
     assert "PME, cutoff 7 A" in text
     qm = np.zeros(system.n_atoms, dtype=bool)
     qm[system.qm_indices] = True
@@ -305,7 +301,7 @@ def test_periodic_equals_mm_only_plus_qm_mm_lj(boxes, name):
     # the same System read back from XmlSerializer serves the same numbers
     import openmm
 
-    from qmmm_driver import mm_forcefield as mmf
+    from qmmm_driver.mm import forcefield as mmf
 
     pdb = mmf.read_pdb(files["pdb"])
     xml = files["pdb"].parent / "system.xml"
@@ -334,9 +330,9 @@ def test_ipi_potential_is_model_plus_mm(procs, tmp_path, small_box, small_model_
     """Real i-PI with two ffsockets: potential = model + MM (each computed independently), forces too."""
     import torch
 
-    from qmmm_driver.evaluator import Evaluator
-    from qmmm_driver.model.io import load_model
-    from qmmm_driver.system import QMMMSystem
+    from qmmm_driver.evaluator import ModelEvaluator
+    from qmmm_driver.nn.io import load_model
+    from qmmm_driver.structures import QMMMStructure
 
     extxyz, pdb, setup = small_box["extxyz"], small_box["pdb"], small_box["setup"]
     model_sock, mm_sock = procs.socket_name(), procs.socket_name()
@@ -361,10 +357,10 @@ def test_ipi_potential_is_model_plus_mm(procs, tmp_path, small_box, small_model_
     props = read_ipi_properties(tmp_path / "sim.out")
     q = np.stack([p[1] for p in pos])
     cells = np.stack([p[0].T for p in pos])
-    system = QMMMSystem.read(extxyz)
+    system = QMMMStructure.read(extxyz)
     qm = np.zeros(system.n_atoms, dtype=bool)
     qm[system.qm_indices] = True
-    model_res = Evaluator(load_model(small_model_file), system, "cpu", torch.float64).compute(q, cells)
+    model_res = ModelEvaluator(load_model(small_model_file), system, "cpu", torch.float64).compute(q, cells)
     mm_ref = [periodic_reference(setup, q[k], cells[k], qm) for k in range(len(q))]
     e_mm = np.array([e for e, _ in mm_ref])
     f_total = model_res.forces + np.stack([f for _, f in mm_ref])
@@ -374,9 +370,8 @@ def test_ipi_potential_is_model_plus_mm(procs, tmp_path, small_box, small_model_
     print(f"\ni-PI (model + MM, {system.n_atoms} atoms, 4 frames): max |dE| = {de:.2e} Ha "
           f"(E_MM ~ {e_mm[0]:.4f}, E_model ~ {model_res.energy[0]:.4f} Ha), max |dF| = {df:.2e} Ha/Bohr "
           f"(max |F| = {np.abs(f_total).max():.3f})")
-    columns = np.loadtxt(tmp_path / "sim.out", ndmin=2)  # step, potential, pot_component_raw(0), (1)
-    assert np.abs(columns[:, 2] - model_res.energy).max() < 1e-8 * np.abs(model_res.energy).max()
-    assert np.abs(columns[:, 3] - e_mm).max() < 1e-8 * max(1.0, np.abs(e_mm).max())
+    assert np.abs(props["pot_component_raw(0)"] - model_res.energy).max() < 1e-8 * np.abs(model_res.energy).max()
+    assert np.abs(props["pot_component_raw(1)"] - e_mm).max() < 1e-8 * max(1.0, np.abs(e_mm).max())
     assert de < 1e-8 * np.abs(props["potential"]).max()
     assert df < 1e-8 * np.abs(f_total).max()
     assert np.abs(np.diff(props["potential"])).max() > 1e-6  # the structures really moved
@@ -405,7 +400,7 @@ def test_error_bond_spanning_qm_and_mm(small_box):
     r = run_cli("--pdb", small_box["pdb"], "--forcefield", "amber14/tip3p.xml", "--qm", "0", "--unix", "none",
                 "--connect-timeout", "1")
     assert r.returncode == 2, r.stderr
-    assert "links QM atom 0 (O of HOH" in r.stderr and "MM atom 1 (H1 of HOH" in r.stderr, r.stderr
+    assert "MM atom 1 is in the same molecule as QM atom 0" in r.stderr, r.stderr
     assert "whole molecules" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("qmmm-driver mm: served 0 structures")
 
@@ -414,7 +409,7 @@ def test_error_bonded_term_spanning_without_topology_bonds(small_box):
     """A System whose topology has no bonds (serialized input): the force terms themselves are checked."""
     from openmm import app
 
-    from qmmm_driver import mm_forcefield as mmf
+    from qmmm_driver.mm import forcefield as mmf
 
     pdb = mmf.read_pdb(small_box["pdb"])
     system = mmf.create_system(pdb.topology, ["amber14/tip3p.xml"], None, True, CUTOFF_A, SWITCH_A)
@@ -467,22 +462,21 @@ def test_error_atom_count_from_ipi(procs, tmp_path, small_box):
 
 def test_error_coupling_sent_to_mm_worker(small_box):
     """<parameters>{coupling: ...}</parameters> on the MM ffsocket is refused (it has no QM-MM electrostatics)."""
-    from qmmm_driver.ipi_client import INIT, IPIClient
-    from qmmm_driver.mm_forcefield import MMSetupError
+    from qmmm_driver.ipi.client import INIT, InitError, IPIClient
 
-    ev, system, *_ = mm_worker.build(worker_args("--pdb", small_box["pdb"], "--system", small_box["extxyz"],
-                                                *SMALL_MM_ARGS), Placement())
+    ev, *_ = mm_worker.build(worker_args("--pdb", small_box["pdb"], "--system", small_box["extxyz"],
+                                         *SMALL_MM_ARGS), Placement())
     a, b = socket.socketpair()
     out = {}
     with a, b:
-        client = IPIClient(b, ev, system)
+        client = IPIClient(b, ev)
         t = threading.Thread(target=lambda: out.setdefault("rc", _serve(client, out)), daemon=True)
         t.start()
         text = b" coupling : 0.5 , "
         a.sendall(INIT + np.int32(0).tobytes() + np.int32(len(text)).tobytes() + text)
         t.join(10)
-    assert isinstance(out.get("error"), MMSetupError), out
-    assert "coupling 0.5" in str(out["error"]) and "MM <ffsocket>" in str(out["error"])
+    assert isinstance(out.get("error"), InitError), out
+    assert "unknown parameter(s) ['coupling']" in str(out["error"]) and "understands: none" in str(out["error"])
 
 
 def _serve(client, out):
@@ -496,7 +490,7 @@ def _serve(client, out):
 def test_cli_registered():
     from qmmm_driver.cli import COMMANDS, build_parser
 
-    assert COMMANDS["mm"][0] == "qmmm_driver.mm_worker"
+    assert COMMANDS["mm"][0] == "qmmm_driver.cli.mm"
     start = time.monotonic()
     args = build_parser().parse_args(["mm", "--pdb", "x.pdb", "--forcefield", "a.xml", "b.xml", "--qm", "0-2",
                                       "--unix", "mm"])

@@ -1,4 +1,5 @@
-"""Physics of the model: symmetries, forces = -gradient, charge conservation, batching, model files."""
+"""Physics of the model: symmetries, gauge invariance, forces = -gradient, batching, the training path,
+model files and the ASE calculator."""
 
 import numpy as np
 import pytest
@@ -6,20 +7,22 @@ import torch
 from ase import Atoms
 from e3nn import o3
 
-from qmmm_driver import Evaluator, QMMMCalculator, QMMMSystem
-from qmmm_driver.model.io import ModelFileError, load_model, save_model
+from qmmm_driver import ModelEvaluator, QMMMCalculator, QMMMStructure
+from qmmm_driver.nn.io import ModelFileError, load_model, save_model
+from qmmm_driver.structures import StructureError
+from qmmm_driver.units import ANGSTROM_TO_BOHR, HARTREE
 
 from conftest import tiny_model, water_box, water_cluster
 
 
-def sn2_cluster(seed=3, n_mm=25):
-    """Cl- + CH3Cl (QM, charge -1) in a shell of MM waters."""
+def sn2_cluster(seed=3, n_mm=25, spread=1.6):
+    """Cl- + CH3Cl (QM, charge -1) in a shell of MM waters, some of them within the short-range cutoff."""
     rng = np.random.default_rng(seed)
     solute = Atoms("CHHHClCl", positions=[[0, 0, 0], [1.03, 0, -0.36], [-0.51, 0.89, -0.36],
                                           [-0.51, -0.89, -0.36], [0, 0, 1.80], [0, 0, -3.2]])
     water = water_cluster(n_mm=n_mm, seed=seed)[3:]
     water.translate(rng.normal(size=3) * 0.1)
-    water.positions *= 1.6
+    water.positions *= spread
     atoms = solute + water
     qm = np.zeros(len(atoms), dtype=np.int64)
     qm[:6] = 1
@@ -29,15 +32,21 @@ def sn2_cluster(seed=3, n_mm=25):
     return atoms
 
 
-def evaluate(model, atoms, dtype=torch.float64):
-    ev = Evaluator(model, QMMMSystem.from_atoms(atoms), dtype=dtype)
-    cell = atoms.cell.array * 1.8897261254578281 if all(atoms.pbc) else None
-    return ev.compute(atoms.positions * 1.8897261254578281, cell)
+def evaluate(model, atoms, dtype=torch.float64, params=None):
+    structure = QMMMStructure.from_atoms(atoms)
+    return ModelEvaluator(model, structure, dtype=dtype).compute(structure.positions, structure.cell, params)
 
 
 @pytest.fixture(scope="module")
 def model64():
     return tiny_model(elements=("H", "C", "O", "Cl")).double()
+
+
+def test_short_range_neighbours_are_present():
+    """The SN2 cluster puts MM atoms inside the short-range cutoff, so every test below exercises that term."""
+    atoms = sn2_cluster()
+    d = np.linalg.norm(atoms.positions[6:, None] - atoms.positions[None, :6], axis=-1).min(axis=1)
+    assert (d < 4.0).sum() >= 3
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
@@ -58,7 +67,7 @@ def test_rotation_and_reflection(dtype, tol, improper):
     assert np.abs(out.qm_charges - ref.qm_charges).max() < tol * 10
 
 
-def test_translation_and_mm_permutation_invariance(model64):
+def test_translation_and_permutation_invariance(model64):
     atoms = sn2_cluster()
     ref = evaluate(model64, atoms)
     moved = atoms.copy()
@@ -66,32 +75,74 @@ def test_translation_and_mm_permutation_invariance(model64):
     out = evaluate(model64, moved)
     assert out.energy[0] == pytest.approx(ref.energy[0], abs=1e-10)
     assert np.allclose(out.forces, ref.forces, atol=1e-10)
-    perm = np.concatenate([np.arange(6), 6 + np.random.default_rng(0).permutation(len(atoms) - 6)])
+    # MM atoms in any order; QM atoms of the same element swapped (the three methyl H)
+    perm = np.concatenate([[0, 3, 1, 2, 4, 5], 6 + np.random.default_rng(0).permutation(len(atoms) - 6)])
     shuffled = atoms[perm]
     out = evaluate(model64, shuffled)
     assert out.energy[0] == pytest.approx(ref.energy[0], abs=1e-10)
     assert np.allclose(out.forces[0], ref.forces[0][perm], atol=1e-10)
+    assert np.allclose(out.qm_charges[0], ref.qm_charges[0][perm[:6]], atol=1e-10)
+
+
+@pytest.mark.parametrize("name,charge", [("water", 0), ("sn2", -1)])
+def test_uniform_potential_shift_changes_energy_by_total_charge(name, charge):
+    """A shell of charge far away (no field inside, a constant potential dV over the QM region) changes the
+    energy by exactly Q_QM dV, from -10 V to +10 V, and leaves the QM forces unchanged."""
+    elements = ("H", "O") if name == "water" else ("H", "C", "O", "Cl")
+    model = tiny_model(elements=elements).double()
+    atoms = water_cluster() if name == "water" else sn2_cluster()
+    ref = evaluate(model, atoms)
+    qm = np.flatnonzero(atoms.arrays["qm"])
+    centre = atoms.positions[qm].mean(axis=0)
+    shell = 300.0  # A: a Fibonacci sphere of 2000 equal charges; inside, the potential is constant to < 1e-10 V
+    k = np.arange(2000) + 0.5
+    theta, phi = np.arccos(1 - 2 * k / 2000), np.pi * (1 + 5**0.5) * k
+    points = centre + shell * np.stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)], 1)
+    for dV in (-10.0, -5.0, -1.0, 1.0, 2.0, 5.0, 10.0):
+        q_total = dV * shell / 14.399645  # e: potential of a charged sphere inside, V = k Q / R (eV A / e)
+        shifted = atoms + Atoms(f"He{len(points)}", positions=points)
+        shifted.set_array("qm", np.concatenate([atoms.arrays["qm"], np.zeros(len(points), dtype=np.int64)]))
+        shifted.set_array("mm_charge", np.concatenate([atoms.arrays["mm_charge"],
+                                                       np.full(len(points), q_total / len(points))]))
+        shifted.info.update(atoms.info)
+        out = evaluate(model, shifted)
+        dE_meV = (out.energy[0] - ref.energy[0]) * HARTREE * 1000.0
+        assert dE_meV == pytest.approx(charge * dV * 1000.0, abs=0.1), dV
+        assert np.abs(out.forces[0][qm] - ref.forces[0][qm]).max() * HARTREE / 0.5291772105638411 < 1e-4
+
+
+def test_without_gauge_invariance_the_test_above_fails():
+    """The oracle can fail: the original model (features see the absolute potential) misses Q dV."""
+    model = tiny_model(elements=("H", "O"), gauge_invariant=False).double()
+    atoms = water_cluster()
+    ref = evaluate(model, atoms)
+    shifted = atoms.copy()
+    far = Atoms("He", positions=[[0.0, 0.0, 400.0]])
+    both = shifted + far
+    both.set_array("qm", np.concatenate([atoms.arrays["qm"], [0]]))
+    both.set_array("mm_charge", np.concatenate([atoms.arrays["mm_charge"], [150.0]]))  # about +0.5 V here
+    both.info.update(atoms.info)
+    assert abs(evaluate(model, both).energy[0] - ref.energy[0]) * HARTREE > 1e-4
 
 
 @pytest.mark.parametrize("env_order", [0, 1, 3])
 def test_forces_are_minus_gradient(env_order):
     model = tiny_model(elements=("H", "C", "O", "Cl"), env_order=env_order).double()
-    atoms = sn2_cluster(n_mm=8)
+    atoms = sn2_cluster(n_mm=8, spread=1.2)
     res = evaluate(model, atoms)
     h = 1e-5
     rng = np.random.default_rng(env_order)
     for a in list(range(6)) + list(rng.choice(np.arange(6, len(atoms)), 6, replace=False)):
         for c in range(3):
             plus, minus = atoms.copy(), atoms.copy()
-            plus.positions[a, c] += h / 1.8897261254578281
-            minus.positions[a, c] -= h / 1.8897261254578281
+            plus.positions[a, c] += h / ANGSTROM_TO_BOHR
+            minus.positions[a, c] -= h / ANGSTROM_TO_BOHR
             fd = -(evaluate(model, plus).energy[0] - evaluate(model, minus).energy[0]) / (2 * h)
             assert fd == pytest.approx(res.forces[0, a, c], rel=1e-5, abs=1e-8), (a, c)
 
 
 def test_cluster_forces_sum_to_zero_and_charges_to_total(model64):
-    atoms = sn2_cluster()
-    res = evaluate(model64, atoms)
+    res = evaluate(model64, sn2_cluster())
     assert np.abs(res.forces[0].sum(axis=0)).max() < 1e-10
     assert res.qm_charges[0].sum() == pytest.approx(-1.0, abs=1e-12)
     assert np.abs(res.forces[0, 6:]).max() > 1e-6  # MM atoms do feel the QM region
@@ -108,13 +159,20 @@ def test_zero_mm_charges_decouple_mm_positions(model64):
     assert np.abs(out.forces[0, 6:]).max() == 0.0
 
 
+def test_coupling_scales_the_mm_charges(model64):
+    atoms = sn2_cluster()
+    half = atoms.copy()
+    half.set_array("mm_charge", atoms.arrays["mm_charge"] * 0.5)
+    assert evaluate(model64, atoms, params={"coupling": 0.5}).energy[0] == pytest.approx(
+        evaluate(model64, half).energy[0], abs=1e-12)
+
+
 def test_batch_equals_one_by_one(model64):
     atoms = sn2_cluster()
-    system = QMMMSystem.from_atoms(atoms)
-    ev = Evaluator(model64, system, dtype=torch.float64)
+    structure = QMMMStructure.from_atoms(atoms)
+    ev = ModelEvaluator(model64, structure, dtype=torch.float64)
     rng = np.random.default_rng(2)
-    frames = np.stack([atoms.positions + rng.normal(scale=0.05, size=atoms.positions.shape) for _ in range(5)])
-    frames *= 1.8897261254578281
+    frames = np.stack([structure.positions + rng.normal(scale=0.1, size=structure.positions.shape) for _ in range(5)])
     batch = ev.compute(frames)
     for b in range(5):
         single = ev.compute(frames[b])
@@ -123,17 +181,32 @@ def test_batch_equals_one_by_one(model64):
         assert np.allclose(single.dipole[0], batch.dipole[b], atol=1e-10)
 
 
-def test_frames_of_different_sizes_batch_like_single(model64):
-    """The training path: frames with different MM counts in one pass equal separate passes."""
-    from qmmm_driver.frames import Frame
-    from qmmm_driver.training.data import collate
+def test_training_path_equals_the_driver(model64):
+    """Training folds the far MM charges into fixed Taylor tensors (linearised in the QM positions): energies,
+    QM forces and near-MM forces equal those of the driver's evaluation, frames of different sizes batched."""
+    from qmmm_driver.training.data import batches, prepare, rows_in
     from qmmm_driver.training.loss import predict
 
-    frames = [Frame.from_atoms(sn2_cluster(seed=s, n_mm=n)) for s, n in ((1, 5), (2, 9), (3, 14))]
-    together = predict(model64, collate(frames, model64.elements), create_graph=False)
-    for k, f in enumerate(frames):
-        alone = predict(model64, collate([f], model64.elements), create_graph=False)
-        assert float(alone["energy"][0]) == pytest.approx(float(together["energy"][k]), abs=1e-10)
+    frames = []
+    for seed, n in ((1, 5), (2, 9), (3, 14)):
+        atoms = sn2_cluster(seed=seed, n_mm=n, spread=1.3)
+        frames.append(QMMMStructure.from_atoms(atoms))
+    radius = 3.0 * ANGSTROM_TO_BOHR  # MM forces scored within; the near set reaches the short-range cutoff
+    sets = prepare(frames, model64.elements, model64.K, near_radius=model64.settings.short_range_cutoff + 0.5,
+                   loss_radius=radius)
+    assert len(sets) == 1 and bool(sets[0].near_scored.any()) and bool((sets[0].near_charge == 0).any())
+    batch = next(batches(sets, rows_in(sets, [0, 1, 2]), 8))
+    pred = predict(model64, batch, create_graph=False)
+    assert int(batch.near_scored.sum()) >= 3
+    for k, s in enumerate(frames):
+        res = ModelEvaluator(model64, s, dtype=torch.float64).compute(s.positions)
+        assert float(pred["energy"][k].detach()) == pytest.approx(res.energy[0], abs=1e-10)
+        assert np.allclose(pred["qm_forces"][k].numpy(), res.forces[0][s.qm_indices], atol=1e-9)
+        mm = s.mm_indices
+        near = mm[np.linalg.norm(s.positions[mm][:, None] - s.positions[s.qm_indices][None], axis=-1).min(1) < radius]
+        scored = batch.near_scored[k]
+        assert int(scored.sum()) == len(near)
+        assert np.allclose(pred["near_forces"][k][scored].numpy(), res.forces[0][near], atol=1e-9)
 
 
 def test_periodic_virial_equals_strain_derivative():
@@ -165,8 +238,8 @@ def test_periodic_forces_are_minus_gradient():
     for a in [0, 1, *switched.tolist()]:
         c = 2
         plus, minus = atoms.copy(), atoms.copy()
-        plus.positions[a, c] += h / 1.8897261254578281
-        minus.positions[a, c] -= h / 1.8897261254578281
+        plus.positions[a, c] += h / ANGSTROM_TO_BOHR
+        minus.positions[a, c] -= h / ANGSTROM_TO_BOHR
         fd = -(evaluate(model, plus).energy[0] - evaluate(model, minus).energy[0]) / (2 * h)
         assert fd == pytest.approx(res.forces[0, a, c], rel=1e-5, abs=1e-9)
 
@@ -206,10 +279,29 @@ def test_model_file_refusals(tmp_path):
         load_model(tmp_path / "evil.pt")
 
 
+def test_corrupted_weights_are_refused(tmp_path):
+    """400 bytes changed inside a weight tensor: the archive may still read, the checksum does not match."""
+    model = tiny_model()
+    path = save_model(model, tmp_path / "m.pt")
+    payload = torch.load(path, weights_only=True)
+    name = max(payload["state_dict"], key=lambda k: payload["state_dict"][k].numel())
+    raw = payload["state_dict"][name].reshape(-1).view(torch.uint8)
+    raw[100:500] = 255 - raw[100:500]
+    torch.save(payload, tmp_path / "damaged.pt")  # a valid archive (fresh CRCs) with wrong weights
+    with pytest.raises(ModelFileError, match="corrupted"):
+        load_model(tmp_path / "damaged.pt")
+    data = bytearray(path.read_bytes())  # bytes flipped in the file itself: the archive's own CRC fails
+    start = data.find(b"data/") + 200
+    data[start:start + 400] = bytes(255 - x for x in data[start:start + 400])
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    with pytest.raises(ModelFileError):
+        load_model(tmp_path / "flipped.pt")
+
+
 def test_unknown_element_is_refused():
     model = tiny_model(elements=("H", "O"))
-    with pytest.raises(ValueError, match="QM atom 0 .* is C, which the model does not know"):
-        Evaluator(model, QMMMSystem.from_atoms(sn2_cluster()))
+    with pytest.raises(StructureError, match="QM atom 0 .* is C, which the model does not know"):
+        ModelEvaluator(model, QMMMStructure.from_atoms(sn2_cluster()))
 
 
 def test_ase_calculator_units_and_results(tiny_model_file):
@@ -218,8 +310,26 @@ def test_ase_calculator_units_and_results(tiny_model_file):
     e = atoms.get_potential_energy()
     f = atoms.get_forces()
     res = evaluate(load_model(tiny_model_file), atoms)
-    assert e == pytest.approx(res.energy[0] * 27.211386024367243, rel=1e-12)
-    assert np.allclose(f, res.forces[0] * 27.211386024367243 / 0.5291772105638411, atol=1e-9)
+    assert e == pytest.approx(res.energy[0] * HARTREE, rel=1e-12)
+    assert np.allclose(f, res.forces[0] * HARTREE / 0.5291772105638411, atol=1e-9)
     charges = atoms.calc.results["charges"]
     assert charges[:3].sum() == pytest.approx(0.0, abs=1e-10) and np.all(charges[3:] == 0)
     assert atoms.calc.results["dipole"].shape == (3,)
+
+
+@pytest.mark.parametrize("change", ["mm_charge", "qm", "qm_total_charge"])
+def test_ase_calculator_recomputes_when_the_system_changes(change):
+    atoms = sn2_cluster()
+    tiny = tiny_model(elements=("H", "C", "O", "Cl")).double()
+    atoms.calc = QMMMCalculator(model=tiny, dtype="float64")
+    before = atoms.get_potential_energy()
+    if change == "mm_charge":
+        atoms.arrays["mm_charge"] *= 0.5  # in place: the same Atoms, only the charges differ
+    elif change == "qm":
+        atoms.arrays["qm"][6:9] = 1  # a water joins the QM region
+        atoms.arrays["mm_charge"][6:9] = 0.0
+    else:
+        atoms.info["qm_total_charge"] = 0
+    after = atoms.get_potential_energy()
+    expected = evaluate(tiny, atoms).energy[0] * HARTREE
+    assert after != before and after == pytest.approx(expected, rel=1e-12)

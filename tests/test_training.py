@@ -1,4 +1,4 @@
-"""Training lowers the loss and round-trips through save/load; evaluate reports the expected numbers."""
+"""Training lowers the loss, resumes and round-trips through save/load; evaluate reports the expected numbers."""
 
 import json
 import subprocess
@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-from qmmm_driver.frames import Frame, write_frames
-from qmmm_driver.model.io import save_model
-from qmmm_driver.training.data import collate
-from qmmm_driver.training.loss import predict
+from qmmm_driver.evaluator import ModelEvaluator
+from qmmm_driver.nn.io import save_model
+from qmmm_driver.structures import QMMMStructure, write_structures
 
 from conftest import tiny_model, water_cluster
 
@@ -23,17 +23,13 @@ def teacher_frames(n=24, seed=0):
     for k in range(n):
         atoms = water_cluster(n_mm=6 + k % 5, seed=100 + k)
         atoms.positions[:3] += rng.normal(scale=0.04, size=(3, 3))
-        frames.append(Frame.from_atoms(atoms))
-    pred = predict(teacher, collate(frames, teacher.elements), create_graph=False)
-    bounds = np.cumsum([0] + [len(f.mm_indices) for f in frames])
-    for k, f in enumerate(frames):
-        f.energy = float(pred["energy"][k])
-        f.forces = np.zeros_like(f.positions)
-        f.forces[f.qm_indices] = pred["qm_forces"][3 * k:3 * k + 3].detach().numpy()
-        f.forces[f.mm_indices] = pred["mm_forces"][bounds[k]:bounds[k + 1]].detach().numpy()
+        f = QMMMStructure.from_atoms(atoms)
+        res = ModelEvaluator(teacher, f, dtype=torch.float64).compute(f.positions)
+        f.energy, f.forces = float(res.energy[0]), res.forces[0]
         f.qm_charges = np.zeros(len(f.numbers))
-        f.qm_charges[f.qm_indices] = pred["charges"][3 * k:3 * k + 3].detach().numpy()
-        f.dipole = pred["dipole"][k].detach().numpy()
+        f.qm_charges[f.qm_indices] = res.qm_charges[0]
+        f.dipole = res.dipole[0]
+        frames.append(f)
     return teacher, frames
 
 
@@ -43,11 +39,13 @@ def run_cli(*args):
 
 
 def test_tiny_training_lowers_loss_and_round_trips(tmp_path):
-    _, frames = teacher_frames()
-    write_frames(tmp_path / "frames.extxyz", frames)
+    _, frames = teacher_frames(n=30)
+    write_structures(tmp_path / "frames.extxyz", frames[:24])
+    write_structures(tmp_path / "held_out.extxyz", frames[24:])
     (tmp_path / "cfg.toml").write_text("""
 [data]
 files = ["frames.extxyz"]
+transfer = ["held_out.extxyz"]
 split = [0.7, 0.15, 0.15]
 [model]
 channels = 8
@@ -65,6 +63,7 @@ threads = 1
     res = run_cli("train", tmp_path / "cfg.toml")
     assert res.returncode == 0, res.stderr[-2000:]
     run = tmp_path / "run"
+    (run / "stdout.txt").write_text(res.stdout)
     history = json.loads((run / "history.json").read_text())
     assert len(history) == 6
     assert history[-1]["val_loss"] < 0.5 * history[0]["val_loss"]
@@ -78,22 +77,33 @@ threads = 1
     assert again["n_frames"] == test["n_frames"] == len(json.loads((run / "split.json").read_text())["test"])
     assert again["energy_mae_meV"] == pytest.approx(test["energy_mae_meV"], rel=1e-6)
     assert again["force_mae_meV_per_A"] == pytest.approx(test["force_mae_meV_per_A"], rel=1e-6)
+    assert again["energy_mean_signed_meV"] == pytest.approx(test["energy_mean_signed_meV"], rel=1e-6)
+    # the transfer set is scored, never trained on
+    held = test["transfer"]["held_out.extxyz"]
+    assert held["n_frames"] == 6
+    res = run_cli("evaluate", "--model", run / "model.pt", "--data", tmp_path / "held_out.extxyz", "--json")
+    assert json.loads(res.stdout)["energy_mae_meV"] == pytest.approx(held["energy_mae_meV"], rel=1e-6)
+    assert "transfer held_out.extxyz (6 frames)" in res_train_stdout(run)
     # resume continues the run instead of starting over
     res = run_cli("train", tmp_path / "cfg.toml", "--resume", "--epochs", "8")
     assert res.returncode == 0, res.stderr[-2000:]
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == list(range(8))
 
 
+def res_train_stdout(run):
+    return (run / "stdout.txt").read_text()
+
+
 def test_evaluate_reports_known_errors(tmp_path):
     teacher, frames = teacher_frames(n=6)
     save_model(teacher, tmp_path / "teacher.pt")
-    write_frames(tmp_path / "exact.extxyz", frames)
+    write_structures(tmp_path / "exact.extxyz", frames)
     hartree, ev_per_a = 27.211386024367243, 27.211386024367243 / 0.5291772105638411
     for f in frames:  # known label offsets: +5 meV, +20 meV/A on x of every QM atom, +0.01 e
         f.energy += 0.005 / hartree
         f.forces[f.qm_indices, 0] += 0.020 / ev_per_a
         f.qm_charges[f.qm_indices] += 0.01
-    write_frames(tmp_path / "shifted.extxyz", frames)
+    write_structures(tmp_path / "shifted.extxyz", frames)
     exact = json.loads(run_cli("evaluate", "--model", tmp_path / "teacher.pt", "--data", tmp_path / "exact.extxyz",
                                "--dtype", "float64", "--json").stdout)
     assert exact["n_frames"] == 6
@@ -105,10 +115,16 @@ def test_evaluate_reports_known_errors(tmp_path):
                             "mm_force_mae_meV_per_A", "charge_mae_e"}
     assert shifted["energy_mae_meV"] == pytest.approx(5.0, abs=1e-3)
     assert shifted["energy_rmse_meV"] == pytest.approx(5.0, abs=1e-3)
+    assert shifted["energy_mean_signed_meV"] == pytest.approx(-5.0, abs=1e-3)  # the model lies 5 meV below
     assert shifted["force_mae_meV_per_A"] == pytest.approx(20.0 / 3.0, abs=1e-2)
     assert shifted["charge_mae_e"] == pytest.approx(0.01, abs=1e-6)
     assert shifted["mm_force_mae_meV_per_A"] < 1e-2
     assert (tmp_path / "parity.png").stat().st_size > 5000
+    for f in frames:  # frames without reference charges: the metric is missing, and JSON says null
+        f.qm_charges = None
+    write_structures(tmp_path / "nocharges.extxyz", frames)
+    res = run_cli("evaluate", "--model", tmp_path / "teacher.pt", "--data", tmp_path / "nocharges.extxyz", "--json")
+    assert '"charge_mae_e": null' in res.stdout and "NaN" not in res.stdout
 
 
 def test_bad_config_is_refused(tmp_path):
@@ -122,7 +138,7 @@ def test_bad_config_is_refused(tmp_path):
 
 def test_stage2_switches_loss_weights_and_caps_lr(tmp_path):
     _, frames = teacher_frames(n=12)
-    write_frames(tmp_path / "frames.extxyz", frames)
+    write_structures(tmp_path / "frames.extxyz", frames)
     (tmp_path / "cfg.toml").write_text("""
 [data]
 files = ["frames.extxyz"]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from qmmm_driver.umbrella import DistanceDifferenceUmbrella, collinearity_and_gradient, xi_and_gradient
+from qmmm_driver.ipi.umbrella import DistanceDifferenceUmbrella, collinearity_and_gradient, xi_and_gradient
 from qmmm_driver.units import ANGSTROM_TO_BOHR, HARTREE
 
 
@@ -60,9 +60,9 @@ def test_umbrella_biases_an_ipi_run(procs, tmp_path, small_box, small_model_file
     of the QM water: i-PI's ensemble_bias equals k/2 (xi - xi0)^2 of the recorded positions."""
     from pathlib import Path
 
-    from conftest import SMALL_MM_ARGS, start_mm_worker
+    from conftest import SMALL_MM_ARGS, read_ipi_properties, start_mm_worker
 
-    umbrella = Path(__file__).resolve().parents[1] / "qmmm_driver" / "umbrella.py"
+    umbrella = Path(__file__).resolve().parents[1] / "qmmm_driver" / "ipi" / "umbrella.py"
     for name, target in (("system.extxyz", small_box["extxyz"]), ("system.pdb", small_box["pdb"]),
                          ("model.pt", small_model_file)):
         (tmp_path / name).symlink_to(target)
@@ -92,8 +92,9 @@ def test_umbrella_biases_an_ipi_run(procs, tmp_path, small_box, small_model_file
     procs.start_worker(["--model", "model.pt", "--system", "system.extxyz", "--unix", qmmm], log="w.log")
     start_mm_worker(procs, ["--pdb", "system.pdb", "--system", "system.extxyz", "--unix", mm, *SMALL_MM_ARGS])
     assert procs.finish(ipi, timeout=180) == 0, procs.log(ipi)[-3000:]
-    props = np.loadtxt(tmp_path / "sim.out", ndmin=2)
-    o, h1, h2 = props[:, 2:5], props[:, 5:8], props[:, 8:11]
+    props = read_ipi_properties(tmp_path / "sim.out")
+    o, h1, h2 = (props[f"atom_x(atom={k})"] for k in range(3))
     xi = np.linalg.norm(h1 - o, axis=1) - np.linalg.norm(h2 - o, axis=1)
-    assert np.allclose(props[:, 1], 0.5 * 4.0 * (xi - 0.2) ** 2, rtol=1e-4, atol=1e-7)
-    assert props[:, 1].max() > 1e-3  # the bias is active
+    bias = props["ensemble_bias"]
+    assert np.allclose(bias, 0.5 * 4.0 * (xi - 0.2) ** 2, rtol=1e-4, atol=1e-7)
+    assert bias.max() > 1e-3  # the bias is active

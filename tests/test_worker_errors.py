@@ -15,7 +15,9 @@ import time
 import pytest
 import torch
 
-from conftest import (CLUSTER_BOX, IPI_PREFIX, WORKER_CMD, ipi_input, served_counts,
+import numpy as np
+
+from conftest import (CLUSTER_BOX, IPI_PREFIX, WORKER_CMD, ipi_input, served_counts, water_box,
                       water_cluster, write_frame)
 
 
@@ -41,6 +43,13 @@ def early_failures(tmp_path_factory, tiny_model_file):
     torch.save(payload, future_model)
     absent = f"qmt_absent_{time.time_ns()}"
     port = _free_port()
+    box = water_box()
+    box.set_array("molecule", np.repeat(np.arange(len(box) // 3), 3))
+    box_file = write_frame(box, d / "box.extxyz")
+    stale = f"qmt_stale_{time.time_ns()}"
+    leftover = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a socket file nobody listens on
+    leftover.bind(IPI_PREFIX + stale)
+    leftover.close()
 
     cases = {
         "no_qm": (["--model", tiny_model_file, "--system", bare_file, "--unix", absent], {}),
@@ -52,6 +61,10 @@ def early_failures(tmp_path_factory, tiny_model_file):
                          "--connect-timeout", "1"], {"name": absent}),
         "refused_inet": (["--model", tiny_model_file, "--system", good, "--address", "127.0.0.1",
                           "--port", port, "--connect-timeout", "1"], {"port": port}),
+        "half_molecule": (["--model", tiny_model_file, "--system", box_file, "--qm", "0-1", "--unix", absent], {}),
+        "backwards": (["--model", tiny_model_file, "--system", good, "--qm", "5-2", "--unix", absent], {}),
+        "stale_socket": (["--model", tiny_model_file, "--system", good, "--unix", stale, "--connect-timeout", "1"],
+                         {"name": stale}),
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     running = {}
@@ -63,13 +76,14 @@ def early_failures(tmp_path_factory, tiny_model_file):
     try:
         for name, (p, ctx) in running.items():
             out, _ = p.communicate(timeout=120)
-            results[name] = (p.returncode, out, {**ctx, "good": good, "bare": bare_file,
+            results[name] = (p.returncode, out, {**ctx, "good": good, "bare": bare_file, "box": box_file,
                                                  "text_model": text_model, "future_model": future_model})
     finally:
         for p, _ in running.values():
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
+        os.unlink(IPI_PREFIX + stale)
     return results
 
 
@@ -100,7 +114,7 @@ def test_model_file_is_text(early_failures):
 
 
 def test_model_file_wrong_version(early_failures):
-    _check(early_failures, "future_model", "{future_model} has model format version 99", "reads version 1")
+    _check(early_failures, "future_model", "{future_model} has model format version 99", "reads version 2")
 
 
 def test_absent_unix_socket(early_failures):
@@ -112,6 +126,59 @@ def test_absent_unix_socket(early_failures):
 def test_refused_inet_socket(early_failures):
     _check(early_failures, "refused_inet", "no i-PI server at inet:127.0.0.1:{port} after 1 s", "refused",
            '<ffsocket mode="inet"><address>127.0.0.1</address><port>{port}</port>')
+
+
+def test_half_a_molecule_as_qm_is_refused(early_failures):
+    _check(early_failures, "half_molecule", "{box}: MM atom 2 is in the same molecule as QM atom 0",
+           "select every atom of that molecule as QM")
+
+
+def test_backwards_selection_is_named(early_failures):
+    _check(early_failures, "backwards", "QM selection range '5-2' runs backwards")
+
+
+def test_stale_socket_file_is_named(early_failures):
+    _check(early_failures, "stale_socket", f"the socket file {IPI_PREFIX}{{name}} exists but no i-PI listens on it",
+           "Remove it")
+
+
+def test_non_finite_positions_from_ipi_exit_4(tmp_path, tiny_model_file):
+    """A NaN on an MM atom of a periodic system (far or near): the worker sends nothing and exits 4."""
+    from qmmm_driver.ipi.client import GETFORCE, INIT, POSDATA, STATUS
+    from qmmm_driver.units import ANGSTROM_TO_BOHR
+
+    box = water_box()
+    frame = write_frame(box, tmp_path / "box.extxyz")
+    name = f"qmt_nan_{time.time_ns()}"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(IPI_PREFIX + name)
+    server.listen(1)
+    worker = subprocess.Popen(WORKER_CMD + ["--model", str(tiny_model_file), "--system", str(frame), "--unix", name],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        conn, _ = server.accept()
+        with conn:
+            pos = box.positions * ANGSTROM_TO_BOHR
+            pos[40, 1] = np.nan  # an MM atom far from the QM water (beyond the cutoff in some image)
+            h = box.cell.array.T * ANGSTROM_TO_BOHR
+            conn.sendall(STATUS)
+            conn.recv(12)
+            conn.sendall(INIT + np.int32(0).tobytes() + np.int32(1).tobytes() + b" ")
+            conn.sendall(POSDATA + h.tobytes() + np.linalg.inv(h).tobytes() + np.int32(len(box)).tobytes()
+                         + pos.tobytes() + GETFORCE)
+            out, _ = worker.communicate(timeout=120)
+            conn.settimeout(5)
+            try:
+                reply = conn.recv(12)
+            except OSError:
+                reply = b""
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        server.close()
+        os.unlink(IPI_PREFIX + name)
+    assert worker.returncode == 4, out
+    assert "position of MM atom 40 in frame 0 is not finite" in out and reply == b"", out
 
 
 # --------------------------------------------------------------------------- with a real i-PI
@@ -151,7 +218,7 @@ def test_unknown_ffsocket_parameter(procs, tmp_path, tiny_model_file):
     rc = procs.finish(worker, 90)
     out = procs.log(worker)
     assert rc == 2, out
-    assert "unknown parameter 'cutoff' in the <parameters> of the i-PI <ffsocket>" in out, out
+    assert "unknown parameter(s) ['cutoff'] in the <parameters> of the i-PI <ffsocket>" in out, out
     assert "coupling" in out.split("unknown parameter")[1], out  # names what is supported
 
 

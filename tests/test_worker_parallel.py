@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qmmm_driver import parallel
-from qmmm_driver.ipi_client import IPIClient
+from qmmm_driver.ipi.client import IPIClient
 from qmmm_driver.parallel import (DeviceError, Placement, detect_placement, launched_by_mpi, select_device,
                                   threads_per_worker)
 
@@ -62,23 +62,24 @@ def test_select_device(monkeypatch):
 
 
 def test_coupling_default_and_init_override():
-    """--coupling applies until i-PI's <parameters> set one in INIT."""
+    """--coupling applies until i-PI's <parameters> set one in INIT; the batch size comes with INIT too."""
+    from qmmm_driver.evaluator import ModelEvaluator
 
     class Stub:
-        coupling = None
+        structure = None
+        parameters = ModelEvaluator.parameters
 
     a, b = socket.socketpair()
     with a, b:
-        ev = Stub()
-        client = IPIClient(b, ev, system=None, coupling=0.7)
-        assert ev.coupling == 0.7
+        client = IPIClient(b, Stub(), {"coupling": 0.7})
+        assert client.params == {"coupling": 0.7}
         text = b" "
         a.sendall(b"INIT        " + np.array([0, len(text)], np.int32).tobytes() + text)
         client._recv_into(client._hdr_view, "header")
         client._on_init()
-        assert ev.coupling == 0.7 and client.batch_size == 1
+        assert client.params == {"coupling": 0.7} and client.batch_size == 1
         text = b" coupling : 0.25 , , batch_size:2"
         a.sendall(b"INIT        " + np.array([0, len(text)], np.int32).tobytes() + text)
         client._recv_into(client._hdr_view, "header")
         client._on_init()
-        assert ev.coupling == 0.25 and client.batch_size == 2
+        assert client.params == {"coupling": 0.25} and client.batch_size == 2

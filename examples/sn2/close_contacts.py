@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from qmmm_driver.frames import Frame, read_frames, write_frames
+from dataclasses import replace
+
+from qmmm_driver.structures import QMMMStructure, read_structures, write_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +32,7 @@ MIN_CLEARANCE_A = 1.6  # moved water vs every other atom
 LABEL_KEYS = ("reference", "qm_charges_scheme", "source_index")  # belong to the source frame's labels
 
 
-def push_water(frame: Frame, rng: np.random.Generator) -> Frame | None:
+def push_water(frame: QMMMStructure, rng: np.random.Generator) -> QMMMStructure | None:
     """A copy of ``frame`` with one water moved against the solute, or None if it would overlap."""
     z = frame.numbers
     qm, mm = frame.qm_indices, frame.mm_indices
@@ -51,9 +53,7 @@ def push_water(frame: Frame, rng: np.random.Generator) -> Frame | None:
     reached = np.linalg.norm(pos[o] - pos[target]) / ANGSTROM_TO_BOHR
     info = {k: v for k, v in frame.info.items() if k not in LABEL_KEYS}
     info.update(environment="close contact", augmented=f"water {o} pushed to {reached:.2f} A of QM atom {target}")
-    return Frame(numbers=frame.numbers, positions=pos, qm=frame.qm, mm_charge=frame.mm_charge,
-                 qm_total_charge=frame.qm_total_charge, qm_multiplicity=frame.qm_multiplicity, cell=frame.cell,
-                 info=info)
+    return replace(frame, positions=pos, info=info, energy=None, forces=None, qm_charges=None, dipole=None)
 
 
 def main() -> None:
@@ -64,15 +64,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=11)
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
-    source = read_frames(args.source)
-    made: list[Frame] = []
+    source = read_structures(args.source)
+    made: list[QMMMStructure] = []
     for i in rng.permutation(len(source)):
         frame = push_water(source[i], rng)
         if frame is not None:
             made.append(frame)
         if len(made) == args.frames:
             break
-    write_frames(args.out, made)
+    write_structures(args.out, made)
     print(f"wrote {len(made)} close-contact frames to {args.out}")
 
 

@@ -1,107 +1,144 @@
-"""Labelled frames as training batches: flat atom lists with frame indices (atomic units)."""
+"""Labelled frames as training tensors, computed once: the MM environment split into near and far.
+
+For every frame (a cluster, as ``qmmm-driver sample`` writes them) the MM atoms
+within ``near_radius`` of a QM atom are kept explicitly (positions, charges,
+reference forces): their forces enter the loss and the short-range features see
+them. All other MM charges are folded into their Taylor tensors at the QM atoms,
+up to order K + 1, computed once: the next order gives the exact first derivative
+of the tensors with respect to the QM positions
+(:func:`~qmmm_driver.nn.multipoles.linearised_tensors`), so energies and QM
+forces equal those of the full evaluation while an epoch never touches the far
+atoms again.
+
+Frames with the same number of QM atoms are stacked into one :class:`FrameSet`
+(near atoms padded with zero charges far away); a batch is a selection of rows.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-import ase.data
 import numpy as np
 import torch
 
-from ..embedding import Presented
+from ..embedding import PADDING_DISTANCE
 from ..errors import InputError
-from ..frames import Frame
+from ..nn.multipoles import taylor_tensors
+from ..structures import QMMMStructure
 
 
 @dataclass
-class Batch:
-    """Cluster frames presented to the model, with their labels (None where absent)."""
+class FrameSet:
+    """Frames of ``n`` QM atoms each (atomic units, float64); labels are None where any frame lacks them."""
 
-    presented: Presented
-    species: torch.Tensor          # [n_qm] element index
-    total_charge: torch.Tensor     # [B]
-    n_qm: torch.Tensor             # [B] QM atoms per frame
-    energy: torch.Tensor | None    # [B] Hartree
-    qm_forces: torch.Tensor | None  # [n_qm, 3] Hartree/Bohr
-    mm_forces: torch.Tensor | None  # [n_mm, 3] Hartree/Bohr
-    mm_near: torch.Tensor          # [n_mm] bool: MM atom within the loss radius of a QM atom
-    qm_charges: torch.Tensor | None  # [n_qm] e
-    dipole: torch.Tensor | None    # [B, 3] e Bohr
+    index: torch.Tensor          # [F] position of each frame in the list it came from
+    species: torch.Tensor        # [F, n]
+    qm: torch.Tensor             # [F, n, 3] relative to the first QM atom
+    far: torch.Tensor            # [F, n, (K+2)^2] Taylor tensors of the far MM charges, orders 0..K+1
+    near_pos: torch.Tensor       # [F, m, 3]
+    near_charge: torch.Tensor    # [F, m] (0 for padding)
+    near_scored: torch.Tensor    # [F, m] bool: MM force within the loss radius
+    total_charge: torch.Tensor   # [F]
+    energy: torch.Tensor | None          # [F] Hartree
+    qm_forces: torch.Tensor | None       # [F, n, 3]
+    near_forces: torch.Tensor | None     # [F, m, 3]
+    qm_charges: torch.Tensor | None      # [F, n]
+    dipole: torch.Tensor | None          # [F, 3] e Bohr
 
-    def to(self, device) -> "Batch":
-        moved = {}
-        for name, value in self.__dict__.items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = value.to(device)
-            elif isinstance(value, Presented):
-                moved[name] = Presented(**{k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                                           for k, v in value.__dict__.items()})
-            else:
-                moved[name] = value
-        return Batch(**moved)
+    def __len__(self) -> int:
+        return self.index.numel()
+
+    def select(self, rows: torch.Tensor, device=None) -> "FrameSet":
+        """The frames ``rows`` (a batch), optionally moved to ``device``."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = None if value is None else value[rows].to(device) if device else value[rows]
+        return FrameSet(**out)
 
 
-def elements_of(frames: list[Frame]) -> list[str]:
+def elements_of(structures: list[QMMMStructure]) -> list[str]:
     """QM elements present in the frames, in order of atomic number."""
-    numbers = sorted({int(z) for f in frames for z in f.numbers[f.qm]})
-    return [ase.data.chemical_symbols[z] for z in numbers]
+    from ase.data import chemical_symbols
+
+    return [chemical_symbols[z] for z in sorted({int(z) for s in structures for z in s.numbers[s.qm]})]
 
 
-def collate(frames: list[Frame], elements: list[str], mm_radius: float = 6.0 / 0.5291772105638411) -> Batch:
-    """Concatenate cluster frames into one batch; ``mm_radius`` (Bohr) marks the MM forces to fit."""
+def prepare(structures: list[QMMMStructure], elements: list[str], env_order: int, near_radius: float,
+            loss_radius: float) -> list[FrameSet]:
+    """The frames as :class:`FrameSet` s, one per QM atom count; radii in Bohr."""
     index = {e: k for k, e in enumerate(elements)}
-    qm_pos, qm_frame, species, mm_pos, mm_frame, mm_charge, near = [], [], [], [], [], [], []
-    energies, qm_f, mm_f, qm_q, dip = [], [], [], [], []
-    labelled = all(f.labelled for f in frames)
-    has_charges = all(f.qm_charges is not None for f in frames)
-    has_dipole = all(f.dipole is not None for f in frames)
-    for b, f in enumerate(frames):
-        if f.cell is not None:
-            raise InputError("training frames must be clusters (no cell), presented as the driver presents them")
-        qm, mm = f.qm_indices, f.mm_indices
-        for a in qm:
-            symbol = ase.data.chemical_symbols[int(f.numbers[a])]
+    groups: dict[int, list[int]] = {}
+    for k, s in enumerate(structures):
+        if s.periodic:
+            raise InputError(f"{s.source}: training frames must be clusters (no cell), presented as the driver "
+                             "presents them (qmmm-driver sample writes such frames)")
+        for symbol in s.qm_symbols:
             if symbol not in index:
-                raise InputError(f"frame {b} has QM element {symbol}, which the model does not know ({elements})")
-            species.append(index[symbol])
-        qm_pos.append(f.positions[qm])
-        mm_pos.append(f.positions[mm])
-        mm_charge.append(f.mm_charge[mm])
-        qm_frame.append(np.full(len(qm), b))
-        mm_frame.append(np.full(len(mm), b))
-        if len(mm):
-            d = np.linalg.norm(f.positions[mm][:, None] - f.positions[qm][None], axis=-1).min(axis=1)
-            near.append(d < mm_radius)
-        if labelled:
-            energies.append(f.energy)
-            qm_f.append(f.forces[qm])
-            mm_f.append(f.forces[mm])
-        if has_charges:
-            qm_q.append(f.qm_charges[qm])
-        if has_dipole:
-            dip.append(f.dipole)
+                raise InputError(f"{s.source} has QM element {symbol}, which the model does not know ({elements})")
+        groups.setdefault(s.n_qm, []).append(k)
+    return [_stack([structures[k] for k in ks], ks, index, env_order, near_radius, loss_radius)
+            for _, ks in sorted(groups.items())]
 
-    def cat(parts, dtype=torch.float64):
-        return torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0), dtype=dtype)
 
-    n_mm = sum(len(p) for p in mm_pos)
-    presented = Presented(
-        qm_pos=cat(qm_pos).reshape(-1, 3), qm_frame=cat(qm_frame, torch.long),
-        qm_atom=torch.zeros(0, dtype=torch.long), mm_pos=cat(mm_pos).reshape(-1, 3),
-        mm_charge=cat(mm_charge), mm_frame=cat(mm_frame, torch.long), mm_atom=torch.zeros(0, dtype=torch.long),
-        n_frames=len(frames))
-    return Batch(
-        presented=presented,
-        species=torch.as_tensor(species, dtype=torch.long),
-        total_charge=torch.as_tensor([f.qm_total_charge for f in frames], dtype=torch.float64),
-        n_qm=torch.as_tensor([len(f.qm_indices) for f in frames], dtype=torch.float64),
-        energy=torch.as_tensor(energies, dtype=torch.float64) if labelled else None,
-        qm_forces=cat(qm_f).reshape(-1, 3) if labelled else None,
-        mm_forces=cat(mm_f).reshape(-1, 3) if labelled else None,
-        mm_near=cat(near, torch.bool) if near else torch.zeros(n_mm, dtype=torch.bool),
-        qm_charges=cat(qm_q) if has_charges else None,
-        dipole=torch.as_tensor(np.stack(dip), dtype=torch.float64) if has_dipole else None,
-    )
+def _stack(frames, rows, index, K, near_radius, loss_radius) -> FrameSet:
+    per = []
+    for s in frames:
+        qm, mm = s.qm_indices, s.mm_indices
+        origin = s.positions[qm[0]]
+        qm_pos = torch.as_tensor(s.positions[qm] - origin)
+        mm_pos = torch.as_tensor(s.positions[mm] - origin)
+        charge = torch.as_tensor(s.mm_charge[mm])
+        d = torch.cdist(qm_pos, mm_pos).amin(dim=0) if len(mm) else torch.zeros(0, dtype=torch.float64)
+        near = d < near_radius
+        far = taylor_tensors(qm_pos[None], mm_pos[~near][None], charge[~near][None], K + 1)[0]
+        per.append(dict(
+            species=torch.as_tensor([index[x] for x in s.qm_symbols]), qm=qm_pos, far=far,
+            near_pos=mm_pos[near], near_charge=charge[near], near_scored=d[near] < loss_radius,
+            total_charge=float(s.qm_total_charge),
+            energy=s.energy, qm_forces=None if s.forces is None else torch.as_tensor(s.forces[qm]),
+            near_forces=None if s.forces is None else torch.as_tensor(s.forces[mm])[near],
+            qm_charges=None if s.qm_charges is None else torch.as_tensor(s.qm_charges[qm]),
+            dipole=None if s.dipole is None else torch.as_tensor(s.dipole)))
+    m = max(max(len(p["near_charge"]) for p in per), 1)
+
+    def pad(t, fill):
+        return torch.cat([t, t.new_full((m - t.shape[0],) + tuple(t.shape[1:]), fill)])
+
+    def stacked(key, fill=None):
+        values = [p[key] for p in per]
+        if any(v is None for v in values):
+            return None
+        return torch.stack([pad(v, fill) if fill is not None else torch.as_tensor(v) for v in values])
+
+    far_away = torch.tensor([PADDING_DISTANCE, 0.0, 0.0], dtype=torch.float64)
+    near_pos = torch.stack([torch.cat([p["near_pos"], far_away.expand(m - len(p["near_pos"]), 3)]) for p in per])
+    return FrameSet(
+        index=torch.as_tensor(rows), species=stacked("species"), qm=stacked("qm"), far=stacked("far"),
+        near_pos=near_pos, near_charge=stacked("near_charge", 0.0), near_scored=stacked("near_scored", False),
+        total_charge=torch.as_tensor([p["total_charge"] for p in per], dtype=torch.float64),
+        energy=None if any(p["energy"] is None for p in per) else torch.as_tensor([p["energy"] for p in per]),
+        qm_forces=stacked("qm_forces"), near_forces=stacked("near_forces", 0.0),
+        qm_charges=stacked("qm_charges"), dipole=stacked("dipole"))
+
+
+def batches(sets: list[FrameSet], rows_of: list[torch.Tensor], size: int, rng: np.random.Generator | None = None,
+            device=None):
+    """Batches of at most ``size`` frames, each from one set; shuffled (across sets too) when ``rng`` is given."""
+    chunks = []
+    for k, rows in enumerate(rows_of):
+        order = rows[torch.as_tensor(rng.permutation(len(rows)))] if rng is not None else rows
+        chunks += [(k, order[i:i + size]) for i in range(0, len(order), size)]
+    if rng is not None:
+        chunks = [chunks[i] for i in rng.permutation(len(chunks))]
+    for k, rows in chunks:
+        yield sets[k].select(rows, device)
+
+
+def rows_in(sets: list[FrameSet], frames: list[int]) -> list[torch.Tensor]:
+    """For each set, the rows holding the frames ``frames`` (indices into the original list)."""
+    wanted = torch.as_tensor(sorted(frames), dtype=torch.long)
+    return [torch.nonzero(torch.isin(s.index, wanted)).flatten() for s in sets]
 
 
 def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> dict[str, list[int]]:

@@ -1,0 +1,418 @@
+"""Client side of the i-PI socket protocol (as implemented by i-PI 3.3).
+
+One :class:`IPIClient` serves one connection: i-PI asks ``STATUS`` and gets
+``NEEDINIT``/``READY``/``HAVEDATA``; ``INIT`` carries the forcefield
+``<parameters>`` as ``" key : value , ..."`` (plus ``batch_size:N`` when the
+``<ffsocket>`` batches requests); ``POSDATA`` carries the cell(s) and positions;
+``GETFORCE`` is answered with ``FORCEREADY`` and the energy, forces, virial and
+a JSON ``extras`` string (empty when the evaluator has no extras); ``EXIT``
+ends the session.
+
+Wire layout (native byte order, float64 and int32):
+
+- ``POSDATA``: ``h[3,3]``, ``h^-1[3,3]``, ``nat``, ``pos[nat,3]``. Batched
+  (``batch_size`` B > 1): ``nat``, B x (``h``, ``h^-1``), ``pos[B,nat,3]``.
+- ``FORCEREADY``: ``U``, ``nat``, ``f[nat,3]``, ``vir[3,3]``, ``len``, ``extras``.
+  Batched: ``U[B]``, ``nat``, ``f[B,nat,3]``, ``vir[B,3,3]``, then B x (``len``, ``extras``).
+
+i-PI's ``h`` has the lattice vectors as columns; the evaluator takes them as
+rows, so ``cells = h.T``. Everything is in atomic units on both sides: no unit
+conversion happens here. Batches of B structures go through one
+:meth:`Evaluator.compute <qmmm_driver.evaluator.Evaluator.compute>` call, with
+the parameters of INIT (over the worker's defaults) passed along with it.
+
+Sizes from i-PI are capped before anything is allocated: an INIT string longer
+than :data:`MAX_INIT_BYTES`, a batch larger than :data:`MAX_BATCH` or a
+position block larger than :data:`MAX_POSDATA_BYTES` is refused with a message.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError
+
+HDRLEN = 12
+
+
+def _message(text: str) -> bytes:
+    return text.upper().ljust(HDRLEN).encode("ascii")
+
+
+STATUS = _message("status")
+READY = _message("ready")
+HAVEDATA = _message("havedata")
+NEEDINIT = _message("needinit")
+INIT = _message("init")
+POSDATA = _message("posdata")
+GETFORCE = _message("getforce")
+FORCEREADY = _message("forceready")
+EXIT = _message("exit")
+
+#: Added to the INIT string by i-PI itself when ``<batch_size>`` > 1.
+BATCH_KEY = "batch_size"
+#: Longest INIT string accepted (i-PI's <parameters> are a few short key: value pairs).
+MAX_INIT_BYTES = 1 << 20
+#: Largest batch accepted (i-PI batches the beads or replicas of one step).
+MAX_BATCH = 4096
+#: Largest POSDATA payload accepted (positions and cells of one batch), bytes.
+MAX_POSDATA_BYTES = 8 << 30
+
+#: Longest unix socket path the kernel accepts (sun_path is 108 bytes with the NUL).
+MAX_UNIX_PATH = 107
+
+
+class ConnectError(InputError):
+    """No i-PI server answered at the address within the connection timeout."""
+
+
+class InitError(InputError):
+    """The INIT string from i-PI names an unknown parameter or an unreadable value."""
+
+
+class ConnectionLost(RuntimeError):
+    """i-PI closed the connection without sending EXIT."""
+
+
+class ProtocolError(RuntimeError):
+    """i-PI sent a message the protocol does not allow at this point."""
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+@dataclass(frozen=True)
+class SocketAddress:
+    """Where i-PI listens: a unix socket file or an inet host and port."""
+
+    mode: str                 # "unix" or "inet"
+    path: str = ""            # unix: full socket path (prefix + name)
+    name: str = ""            # unix: the <address> given to i-PI
+    prefix: str = ""          # unix: i-PI's sockets_prefix
+    host: str = ""            # inet
+    port: int = 0             # inet
+
+    @classmethod
+    def unix(cls, name: str, prefix: str = "/tmp/ipi_") -> "SocketAddress":
+        """``prefix + name`` (an absolute ``name`` is taken as the full path)."""
+        name = str(name)
+        if not name:
+            raise InputError("--unix needs a socket name (i-PI's <address>)")
+        if name.startswith("/"):
+            path, prefix = name, ""
+        else:
+            path = f"{prefix}{name}"
+        if len(path.encode()) > MAX_UNIX_PATH:
+            raise InputError(
+                f"unix socket path {path} is {len(path.encode())} bytes long; the limit is {MAX_UNIX_PATH} "
+                "(use a shorter --socket-prefix / sockets_prefix or name)"
+            )
+        return cls(mode="unix", path=path, name=name, prefix=prefix)
+
+    @classmethod
+    def inet(cls, host: str, port: int) -> "SocketAddress":
+        port = int(port)
+        if not 0 < port < 65536:
+            raise InputError(f"--port {port} is not a valid TCP port (1-65535)")
+        return cls(mode="inet", host=str(host), port=port)
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.mode == "unix" else f"inet:{self.host}:{self.port}"
+
+    def hint(self) -> str:
+        """The i-PI input that listens at this address."""
+        if self.mode == "unix":
+            return (f'<ffsocket mode="unix"><address>{self.name}</address></ffsocket> with '
+                    f'<simulation sockets_prefix="{self.prefix}">, so that i-PI creates {self.path}')
+        return f'<ffsocket mode="inet"><address>{self.host}</address><port>{self.port}</port></ffsocket>'
+
+
+_RETRY_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN, errno.ECONNRESET, errno.ETIMEDOUT,
+                 errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNABORTED}
+
+
+def connect(address: SocketAddress, timeout: float = 60.0, interval: float = 0.25) -> socket.socket:
+    """Connect to i-PI, retrying while the socket is absent or refuses, for up to ``timeout`` s."""
+    deadline = time.monotonic() + max(0.0, float(timeout))
+    last: OSError | None = None
+    while True:
+        if address.mode == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            target = address.path
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            target = (address.host, address.port)
+        try:
+            sock.settimeout(max(1.0, min(10.0, timeout)))
+            sock.connect(target)
+            sock.settimeout(None)  # blocking: i-PI may legitimately take long between requests
+            return sock
+        except socket.gaierror as err:
+            sock.close()
+            raise ConnectError(f"cannot resolve the i-PI host '{address.host}': {err}") from err
+        except OSError as err:
+            sock.close()
+            if err.errno not in _RETRY_ERRNOS and not isinstance(err, (socket.timeout, FileNotFoundError,
+                                                                          ConnectionRefusedError)):
+                raise ConnectError(f"cannot connect to i-PI at {address}: {err}") from err
+            last = err
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+    if isinstance(last, FileNotFoundError):
+        reason = "the socket file does not exist"
+    elif address.mode == "unix" and isinstance(last, ConnectionRefusedError):
+        reason = (f"the socket file {address.path} exists but no i-PI listens on it: a file left behind by an "
+                  "i-PI that was killed? Remove it, then start i-PI")
+    else:
+        reason = str(last)
+    raise ConnectError(
+        f"no i-PI server at {address} after {timeout:g} s ({reason}). Start i-PI first (or raise "
+        f"--connect-timeout); its input must contain {address.hint()}"
+    )
+
+
+# --------------------------------------------------------------------------- INIT
+
+
+@dataclass
+class InitParameters:
+    """Parsed INIT string: the forcefield ``params`` (as strings) and the announced ``batch_size``."""
+
+    params: dict = field(default_factory=dict)
+    batch_size: int = 1
+
+
+def parse_init(text: str | bytes) -> InitParameters:
+    """Parse i-PI's INIT string, e.g. ``" coupling : 0.5 , , batch_size:4"``.
+
+    Empty tokens (trailing separators) are ignored. The values stay strings: the
+    evaluator checks names and types (:func:`~qmmm_driver.evaluator.check_parameters`).
+    """
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        text = bytes(text).decode("utf-8", errors="replace")
+    out = InitParameters()
+    for token in text.split(","):
+        token = token.strip()
+        if not token:
+            continue
+        key, sep, value = token.partition(":")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise InitError(f"cannot read '{token}' in the i-PI parameter string {text[:200]!r}: "
+                            "expected 'key : value'")
+        if key == BATCH_KEY:
+            try:
+                out.batch_size = int(value)
+            except ValueError:
+                raise InitError(f"i-PI sent batch_size '{value}', which is not an integer") from None
+            if not 1 <= out.batch_size <= MAX_BATCH:
+                raise InitError(f"i-PI sent batch_size {out.batch_size}; qmmm-driver takes 1 to {MAX_BATCH} "
+                                "structures per request (lower <batch_size> in the <ffsocket>)")
+            continue
+        out.params[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- client
+
+
+def record_function(name: str):
+    """A stage label for torch's profiler (benchmarks/profile_call.py) when torch is loaded, else nothing.
+
+    The MM worker does not load torch and should not have to for this.
+    """
+    profiler = sys.modules.get("torch.profiler")
+    return profiler.record_function(name) if profiler is not None else nullcontext()
+
+
+class IPIClient:
+    """Serves one i-PI connection with an :class:`~qmmm_driver.evaluator.Evaluator`.
+
+    ``defaults`` are the forcefield parameters used where INIT does not set them
+    (e.g. ``--coupling``). After :meth:`serve` returns (EXIT) or raises,
+    ``structures`` and ``requests`` count the structures evaluated and POSDATA
+    messages answered.
+    """
+
+    def __init__(self, sock: socket.socket, evaluator, defaults: dict | None = None):
+        from ..evaluator import check_parameters
+
+        self.sock = sock
+        self.ev = evaluator
+        self.system = evaluator.structure
+        self.defaults = dict(defaults or {})
+        self.params = check_parameters(evaluator, self.defaults, "the worker's options")
+        self.batch_size = 1
+        self.initialised = False
+        self.structures = 0
+        self.requests = 0
+        self._results = None
+        self._hdr = bytearray(HDRLEN)
+        self._hdr_view = memoryview(self._hdr)
+        self._head = bytearray(148)  # POSDATA prefix: h, h^-1, nat (or only nat when batched)
+        self._head_view = memoryview(self._head)
+        self._buffers_for = None  # (batch_size, nat) the buffers below are sized for
+
+    # ---- low-level I/O
+    def _recv_into(self, view: memoryview, what: str) -> None:
+        got, n = 0, len(view)
+        recv_into = self.sock.recv_into
+        while got < n:
+            k = recv_into(view[got:], n - got)
+            if k == 0:
+                raise ConnectionLost(
+                    f"i-PI closed the connection without sending EXIT (while reading {what}); "
+                    "i-PI stopped, crashed or dropped this worker; see the i-PI output"
+                )
+            got += k
+
+    def _send_parts(self, parts) -> None:
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        try:
+            while views:
+                sent = self.sock.sendmsg(views)
+                while views and sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                if sent:
+                    views[0] = views[0][sent:]
+        except (BrokenPipeError, ConnectionResetError) as err:
+            raise ConnectionLost(f"i-PI closed the connection without sending EXIT ({err})") from err
+
+    # ---- buffers, sized once per (batch size, atom count)
+    def _allocate(self, batch: int, nat: int) -> None:
+        if self._buffers_for == (batch, nat):
+            return
+        self._pos = np.empty((batch, nat, 3), dtype=np.float64)
+        self._pos_view = memoryview(self._pos).cast("B")
+        self._hih = np.empty((batch, 2, 3, 3), dtype=np.float64)
+        self._hih_view = memoryview(self._hih).cast("B")
+        self._cells = np.empty((batch, 3, 3), dtype=np.float64)
+        # reply: FORCEREADY, U[B], nat, f[B,nat,3], vir[B,3,3] (+ the extras, sent separately)
+        size = HDRLEN + 8 * batch + 4 + 24 * batch * nat + 72 * batch
+        self._reply = bytearray(size)
+        self._reply[:HDRLEN] = FORCEREADY
+        off = HDRLEN
+        self._r_pot = np.frombuffer(self._reply, np.float64, batch, off)
+        off += 8 * batch
+        np.frombuffer(self._reply, np.int32, 1, off)[0] = nat
+        off += 4
+        self._r_force = np.frombuffer(self._reply, np.float64, batch * nat * 3, off).reshape(batch, nat, 3)
+        off += 24 * batch * nat
+        self._r_vir = np.frombuffer(self._reply, np.float64, batch * 9, off).reshape(batch, 3, 3)
+        self._buffers_for = (batch, nat)
+
+    def _check_nat(self, nat: int) -> None:
+        if nat != self.system.n_atoms:
+            self.system.check_atoms(nat)  # raises StructureError naming both counts and the file
+        if 24 * nat * self.batch_size > MAX_POSDATA_BYTES:
+            raise ProtocolError(f"i-PI announced {self.batch_size} x {nat} atoms, beyond what a worker accepts")
+
+    # ---- messages
+    def _on_init(self) -> None:
+        head = bytearray(8)
+        self._recv_into(memoryview(head), "INIT")
+        _rid, length = np.frombuffer(head, np.int32, 2)
+        if length < 0:
+            raise ProtocolError(f"i-PI sent an INIT string of length {int(length)}")
+        if length > MAX_INIT_BYTES:
+            raise InitError(f"i-PI announced an INIT string of {int(length)} bytes; qmmm-driver accepts up to "
+                            f"{MAX_INIT_BYTES} (the <parameters> of an <ffsocket> are a few key: value pairs)")
+        text = bytearray(int(length))
+        self._recv_into(memoryview(text), "INIT")
+        init = parse_init(bytes(text))
+        from ..evaluator import check_parameters
+
+        try:
+            self.params = check_parameters(self.ev, {**self.defaults, **init.params},
+                                           f"the <parameters> of the i-PI <ffsocket> (INIT {bytes(text)[:200]!r})")
+        except InputError as err:
+            raise InitError(str(err)) from None
+        self.batch_size = init.batch_size
+        self.initialised = True
+
+    def _on_posdata(self) -> None:
+        with record_function("ipi:read"):
+            cells = self._read_posdata()
+        self._results = self.ev.compute(self._pos, cells, self.params)  # NonFiniteResult propagates: nothing sent
+        self.requests += 1
+        self.structures += self.batch_size
+
+    def _read_posdata(self):
+        B = self.batch_size
+        head = self._head
+        if B == 1:
+            self._recv_into(self._head_view, "POSDATA")
+            nat = int(np.frombuffer(head, np.int32, 1, 144)[0])
+            self._check_nat(nat)
+            self._allocate(1, nat)
+            self._hih.reshape(-1)[:] = np.frombuffer(head, np.float64, 18)
+        else:
+            self._recv_into(self._head_view[:4], "POSDATA")
+            nat = int(np.frombuffer(head, np.int32, 1)[0])
+            self._check_nat(nat)
+            self._allocate(B, nat)
+            self._recv_into(self._hih_view, "POSDATA cells")
+        self._recv_into(self._pos_view, "POSDATA positions")
+        if not self.system.periodic:
+            return None
+        np.copyto(self._cells, self._hih[:, 0].transpose(0, 2, 1))  # i-PI h has lattice vectors as columns
+        return self._cells
+
+    def _on_getforce(self) -> None:
+        with record_function("ipi:reply"):
+            self._reply_forces()
+
+    def _reply_forces(self) -> None:
+        res = self._results
+        if res is None:
+            raise ProtocolError("i-PI asked for forces (GETFORCE) before sending positions (POSDATA)")
+        self._results = None
+        B = self.batch_size
+        self._r_pot[:] = res.energy
+        self._r_force[:] = res.forces
+        self._r_vir[:] = res.virial
+        payload = []
+        for b in range(B):
+            extras = res.extras(b, self.system)
+            text = json.dumps(extras).encode("utf-8") if extras else b""  # none: i-PI records no extras
+            payload.append(np.int32(len(text)).tobytes())
+            payload.append(text)
+        self._send_parts((self._reply, b"".join(payload)))  # one sendmsg, no copy of the forces
+
+    def serve(self) -> int:
+        """Answer i-PI until EXIT (returns 0); raises on errors without sending a reply."""
+        hdr, view = self._hdr, self._hdr_view
+        sendall = self.sock.sendall
+        try:
+            while True:
+                self._recv_into(view, "a message header")
+                if hdr == STATUS:
+                    if not self.initialised:
+                        sendall(NEEDINIT)
+                    elif self._results is not None:
+                        sendall(HAVEDATA)
+                    else:
+                        sendall(READY)
+                elif hdr == POSDATA:
+                    self._on_posdata()
+                elif hdr == GETFORCE:
+                    self._on_getforce()
+                elif hdr == INIT:
+                    self._on_init()
+                elif hdr == EXIT:
+                    return 0
+                else:
+                    raise ProtocolError(f"unexpected message {bytes(hdr)!r} from i-PI")
+        except (ConnectionResetError, BrokenPipeError) as err:
+            raise ConnectionLost(f"i-PI closed the connection without sending EXIT ({err})") from err

@@ -1,0 +1,119 @@
+"""What every worker command shares: connection options, the serve loop, exit statuses and log lines.
+
+``qmmm-driver run`` (the model) and ``qmmm-driver mm`` (OpenMM) each build an
+evaluator and hand it to :func:`serve`, which connects to i-PI, answers until
+EXIT and returns the exit status:
+
+- 0: i-PI sent EXIT;
+- 2: input to fix (files, selection, model, socket address, INIT parameters,
+  atom count), with a message naming the file, atom or value;
+- 3: i-PI went away without EXIT or broke the protocol;
+- 4: a non-finite result, or non-finite positions from i-PI (nothing is sent then).
+
+SIGTERM and SIGHUP end a worker like an interrupt: the exit line is still written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from ..errors import InputError
+
+EXIT_OK = 0
+EXIT_INPUT = 2
+EXIT_CONNECTION = 3
+EXIT_NONFINITE = 4
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """Socket and CPU options shared by the worker commands (``run``, ``mm``)."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--unix", metavar="NAME",
+                       help="unix socket name, i-PI's <address> (connects to SOCKET_PREFIX + NAME)")
+    where.add_argument("--address", metavar="HOST", help="inet host of i-PI (with --port)")
+    parser.add_argument("--port", type=int, metavar="N", help="inet port of i-PI (with --address)")
+    parser.add_argument("--socket-prefix", default="/tmp/ipi_", metavar="PREFIX",
+                        help="i-PI's sockets_prefix for unix sockets (default: %(default)s)")
+    parser.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
+                        help="keep retrying to connect for S seconds while i-PI is not up (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="CPU threads (default: OMP_NUM_THREADS if set, else 1: the cores are shared with "
+                             "i-PI and other workers; raise it for large systems on dedicated cores)")
+
+
+def socket_address(args):
+    """The :class:`~qmmm_driver.ipi.client.SocketAddress` named by the arguments."""
+    from .client import SocketAddress
+
+    if args.unix is not None:
+        if args.port is not None:
+            raise InputError("--port goes with --address HOST (inet), not with --unix")
+        return SocketAddress.unix(args.unix, args.socket_prefix)
+    if args.port is None:
+        raise InputError(f"--address {args.address} needs --port N (the <port> of i-PI's inet <ffsocket>)")
+    return SocketAddress.inet(args.address, args.port)
+
+
+def log(command: str, text: str) -> None:
+    print(f"qmmm-driver {command}: {text}", file=sys.stderr, flush=True)
+
+
+def _on_signal(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def serve(command: str, args, build) -> int:
+    """The main of a worker command: build the evaluator, serve i-PI, report, return the exit status.
+
+    ``build(args, placement)`` returns ``(evaluator, description, defaults,
+    nonfinite_errors)``: the worker's default forcefield parameters and the
+    exception types that mean a non-finite result. One line is logged at the
+    start and one at the exit, whatever the outcome.
+    """
+    from ..parallel import detect_placement
+    from .client import ConnectionLost, IPIClient, ProtocolError, connect
+
+    placement = detect_placement()
+    tag = f"[rank {placement.rank}/{placement.size}] " if placement.size > 1 else ""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            signal.signal(sig, _on_signal)  # so that the exit line is still written
+        except ValueError:  # not the main thread (embedded use)
+            pass
+    client = None
+    code, outcome = EXIT_INPUT, "interrupted"
+    try:
+        address = socket_address(args)
+        ev, text, defaults, nonfinite = build(args, placement)
+        log(command, f"{placement.label()}, {text}, socket {address}")
+        sock = connect(address, args.connect_timeout)
+        client = IPIClient(sock, ev, defaults)
+        try:
+            client.serve()
+            code, outcome = EXIT_OK, "i-PI sent EXIT"
+        except (ConnectionLost, ProtocolError) as err:
+            log(command, f"error: {tag}{err}")
+            code, outcome = EXIT_CONNECTION, "connection lost"
+        except nonfinite as err:
+            log(command, f"error: {tag}{err}; nothing was sent to i-PI for this request. Check the structure "
+                         "(atoms too close? a blown-up run?) and that the model covers it")
+            code, outcome = EXIT_NONFINITE, "stopped by a non-finite result"
+        finally:
+            try:
+                sock.shutdown(2)
+            except OSError:
+                pass
+            sock.close()
+    except InputError as err:
+        log(command, f"error: {tag}{err}")
+        code, outcome = EXIT_INPUT, "stopped by an input error"
+    except MemoryError:
+        log(command, f"error: {tag}out of memory (a batch or system too large for this machine?)")
+        code, outcome = EXIT_INPUT, "out of memory"
+    finally:
+        served = client.structures if client is not None else 0
+        requests = client.requests if client is not None else 0
+        log(command, f"{tag}served {served} structures in {requests} requests; {outcome}")
+    return code

@@ -1,0 +1,193 @@
+"""Unlabelled QM/MM frames from OpenMM molecular dynamics.
+
+Classical MD (OpenMM, CPU platform, flexible molecules, PME, Langevin) of an
+:class:`~qmmm_driver.mm.systems.MMSetup`; each frame is the configuration
+presented exactly as the driver presents it to the model (whole molecules at
+the nearest image of the QM region, cut and switched between r_on and r_off,
+see :mod:`qmmm_driver.embedding`), written as a cluster frame whose
+``mm_charge`` are the switched charges.
+
+Environment options:
+
+- QM atoms may get Gaussian displacements (``qm_noise``, A) so that frames cover
+  the nuclear quantum broadening that path-integral runs visit;
+- an MM ion is held by a flat-bottom restraint at a distance range from the
+  *nearest* QM atom (:func:`ion_restraint`);
+- ``charge_noise`` multiplies the charges of every MM molecule (ions included) by
+  its own factor ``1 + charge_noise * N(0, 1)`` per frame: neutral molecules stay
+  neutral, the fields and their gradients at the QM atoms change (field
+  augmentation);
+- :meth:`Sampler.hold_qm` restrains the QM atoms to a reference geometry and
+  :meth:`Sampler.set_qm_charges` sets their MM charges (umbrella windows along a
+  reaction, as ``examples/sn2/sample.py`` does).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..structures import QMMMStructure
+from ..units import ANGSTROM_TO_BOHR
+
+HOLD_K = 50000.0          # kJ/mol/nm^2: about 0.07 A thermal spread per coordinate at 300 K
+ION_RESTRAINT_K = 1000.0  # kJ/mol/A^2: flat-bottom walls of the ion distance
+SOLVENT_LABELS = {"water": "TIP3P (amber14)", "methanol": "OPLS-AA methanol", "acetonitrile": "OPLS-AA acetonitrile"}
+
+
+def ion_restraint(ion: int, qm: list[int], lo_A: float, hi_A: float):
+    """Flat-bottom restraint keeping the distance of atom ``ion`` to the nearest of ``qm`` in [lo, hi] (A)."""
+    import openmm
+
+    nearest = "distance(p1, p2)"
+    for k in range(3, len(qm) + 2):
+        nearest = f"min({nearest}, distance(p1, p{k}))"
+    force = openmm.CustomCompoundBondForce(
+        len(qm) + 1, f"0.5*kion*(step(lo-d)*(d-lo)^2 + step(d-hi)*(d-hi)^2); d=10*{nearest}")
+    force.addGlobalParameter("kion", ION_RESTRAINT_K)
+    force.addGlobalParameter("lo", float(lo_A))
+    force.addGlobalParameter("hi", float(hi_A))
+    force.addBond([int(ion)] + [int(a) for a in qm], [])
+    force.setUsesPeriodicBoundaryConditions(True)
+    return force
+
+
+def align(mobile: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``mobile`` rotated and translated onto ``target`` (least squares, Kabsch)."""
+    a = mobile - mobile.mean(axis=0)
+    b = target - target.mean(axis=0)
+    u, _, vt = np.linalg.svd(a.T @ b)
+    d = np.sign(np.linalg.det(u @ vt))
+    return a @ (u @ np.diag([1.0, 1.0, d]) @ vt) + target.mean(axis=0)
+
+
+class Sampler:
+    """OpenMM MD of an :class:`~qmmm_driver.mm.systems.MMSetup` that emits presented cluster frames."""
+
+    def __init__(self, setup, temperature: float, dt_fs: float, seed: int, r_on_A: float, r_off_A: float,
+                 threads: int = 1, ion_range_A: tuple[float, float] = (3.0, 6.0)):
+        import openmm
+        from openmm import app, unit
+
+        from ..embedding import Embedding
+
+        self.setup = setup
+        self.rng = np.random.default_rng(seed)
+        system = setup.create_system()
+        self.nb = next(f for f in system.getForces() if isinstance(f, openmm.NonbondedForce))
+        self.qm = [int(i) for i in setup.qm_indices]
+        # QM-QM nonbonded pairs carry no meaning here: the force field or a restraint holds the solute
+        for x, a in enumerate(self.qm):
+            for b in self.qm[x + 1:]:
+                self.nb.addException(a, b, 0.0, 0.1, 0.0, replace=True)
+        self.hold = openmm.CustomExternalForce("0.5*khold*periodicdistance(x, y, z, x0, y0, z0)^2")
+        self.hold.addGlobalParameter("khold", 0.0)
+        for name in ("x0", "y0", "z0"):
+            self.hold.addPerParticleParameter(name)
+        for a, p in zip(self.qm, setup.positions[self.qm]):
+            self.hold.addParticle(a, list(p))
+        system.addForce(self.hold)
+        if setup.ion_index is not None:
+            system.addForce(ion_restraint(setup.ion_index, self.qm, *ion_range_A))
+        integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 1.0 / unit.picosecond,
+                                                     dt_fs * unit.femtosecond)
+        integrator.setRandomNumberSeed(int(self.rng.integers(1, 2**31 - 1)))
+        platform = openmm.Platform.getPlatformByName("CPU")
+        self.sim = app.Simulation(setup.topology, system, integrator, platform, {"Threads": str(threads)})
+        self.sim.context.setPositions(setup.positions * unit.nanometer)
+        self.sim.context.setVelocitiesToTemperature(temperature * unit.kelvin, int(self.rng.integers(1, 2**31 - 1)))
+        self.dt_ps = dt_fs / 1000.0
+        self.structure = setup.structure()
+        self.embedding = Embedding(self.structure, r_on_A * ANGSTROM_TO_BOHR, r_off_A * ANGSTROM_TO_BOHR)
+        self.r_on_A, self.r_off_A, self.temperature = r_on_A, r_off_A, temperature
+        self.time_ps = 0.0
+
+    def positions_A(self) -> np.ndarray:
+        from openmm import unit
+
+        state = self.sim.context.getState(getPositions=True)
+        return np.array(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)) * 10.0
+
+    def hold_qm(self, reference_A: np.ndarray) -> None:
+        """Restrain the QM atoms (harmonic, k = 50 000 kJ/mol/nm^2) to ``reference_A``, aligned onto their
+        current positions (A)."""
+        ref = align(np.asarray(reference_A, dtype=float), self.positions_A()[self.qm]) / 10.0
+        for k, (a, p) in enumerate(zip(self.qm, ref)):
+            self.hold.setParticleParameters(k, a, list(p))
+        self.hold.updateParametersInContext(self.sim.context)
+        self.sim.context.setParameter("khold", HOLD_K)
+
+    def set_qm_charges(self, charges: np.ndarray) -> None:
+        """Charges (e) the QM atoms carry in the MM sampling (they never reach the frames)."""
+        for a, q in zip(self.qm, charges):
+            _, sigma, eps = self.nb.getParticleParameters(a)
+            self.nb.setParticleParameters(a, float(q), sigma, eps)
+        self.nb.updateParametersInContext(self.sim.context)
+
+    def ion_distance(self) -> float:
+        """Distance (A, minimum image) of the MM ion to the nearest QM atom."""
+        pos = self.positions_A()
+        box = self.setup.box_nm()[0, 0] * 10.0
+        d = pos[self.qm] - pos[self.setup.ion_index]
+        d -= box * np.round(d / box)
+        return float(np.linalg.norm(d, axis=1).min())
+
+    def run(self, ps: float) -> None:
+        self.sim.step(max(1, int(round(ps / self.dt_ps))))
+
+    def equilibrate(self, ps: float) -> None:
+        self.run(ps)
+        self.time_ps += ps
+
+    def minimize(self) -> None:
+        self.sim.minimizeEnergy(maxIterations=500)
+
+    def write_system(self, directory) -> dict:
+        """Write the current configuration as the system files of an i-PI run (``MMSetup.write``)."""
+        import dataclasses
+
+        from openmm import unit
+
+        state = self.sim.context.getState(getPositions=True, enforcePeriodicBox=True)
+        pos = np.array(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+        return dataclasses.replace(self.setup, positions=pos).write(directory)
+
+    def frame(self, qm_noise_A: float, info: dict, charge_noise: float = 0.0) -> QMMMStructure:
+        """The current configuration as a presented cluster frame."""
+        import torch
+
+        from openmm import unit
+
+        state = self.sim.context.getState(getPositions=True)
+        pos = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer) * 10.0 * ANGSTROM_TO_BOHR
+        p = self.embedding.present(torch.as_tensor(pos)[None], torch.as_tensor(self.structure.cell)[None])
+        qm_pos = p.qm_pos + torch.as_tensor(self.rng.normal(size=tuple(p.qm_pos.shape)) * qm_noise_A * ANGSTROM_TO_BOHR)
+        real = p.mm_atom[0] >= 0
+        charges = p.charges(qm_pos, p.mm_pos)
+        if charge_noise > 0.0:
+            factor = torch.as_tensor(1.0 + charge_noise * self.rng.normal(size=p.n_groups))
+            charges = charges * factor[p.group]
+        atoms = torch.cat([self.embedding.qm_idx, p.mm_atom[0][real]]).numpy()
+        n_qm = len(self.qm)
+        info = dict(info, mm_switch_on=self.r_on_A, mm_switch_off=self.r_off_A, temperature=self.temperature,
+                    sampler=f"OpenMM flexible {SOLVENT_LABELS[self.setup.solvent]}, PME, Langevin")
+        return QMMMStructure(numbers=self.structure.numbers[atoms],
+                             positions=torch.cat([qm_pos[0], p.mm_pos[0][real]]).numpy(),
+                             qm=np.arange(len(atoms)) < n_qm,
+                             mm_charge=np.concatenate([np.zeros(n_qm), charges[0][real].numpy()]),
+                             qm_total_charge=self.structure.qm_total_charge,
+                             qm_multiplicity=self.structure.qm_multiplicity, info=info, source="sampler")
+
+    def sample(self, out, count: int, interval_ps: float, qm_noise_A: float, charge_noise: float, info: dict,
+               bar=None) -> None:
+        """Append ``count`` frames, ``interval_ps`` apart, to ``out`` (extended XYZ); ``bar`` is a tqdm bar."""
+        from ..structures import write_structures
+
+        for _ in range(int(count)):
+            self.run(interval_ps)
+            self.time_ps += interval_ps
+            frame_info = dict(info, time_ps=round(self.time_ps, 4), charge_noise=charge_noise)
+            if self.setup.ion_index is not None:
+                frame_info["ion_distance"] = round(self.ion_distance(), 4)
+            write_structures(out, [self.frame(qm_noise_A, frame_info, charge_noise)], append=True, decimals=6)
+            if bar is not None:
+                bar.update(1)

@@ -1,0 +1,144 @@
+"""Ahead-of-time compilation of a :class:`~qmmm_driver.nn.potential.Potential` (AOTInductor).
+
+One force call of the eager model runs a few thousand small tensor operations,
+whose per-operation overhead, not arithmetic, sets the cost for QM regions of a
+few atoms. Compiling traces the energy and its gradients once into one graph of
+ATen operations (``make_fx``: the backward pass is traced like the forward
+pass), exports it with dynamic batch size, MM atom count and near-atom count
+(the QM atom count is fixed), and compiles it to a shared library packaged as a
+``.pt2`` file that loads in milliseconds (``torch._inductor.aoti_load_package``).
+
+The package carries, as metadata, the checksum of the model it was made from,
+the QM atom count, dtype, device type and torch version: :func:`load_compiled`
+refuses a package that does not match (the caller then runs the eager model).
+On x86-64 CPUs the code is generated for ``x86-64-v3`` (AVX2 and FMA), so that a
+package runs on any such machine, not only the one that compiled it.
+"""
+
+from __future__ import annotations
+
+import operator
+import platform
+from pathlib import Path
+
+import torch
+
+from .model import QMMMModel
+from .potential import Potential
+
+
+class CompiledModelError(ValueError):
+    """A compiled package that does not belong to this model, device, dtype or torch."""
+
+
+def compiled_path(model_path: str | Path, n_qm: int, device: str | torch.device, dtype: torch.dtype) -> Path:
+    """Where the compiled form of a model file lives: beside it, named by device, dtype and QM atom count."""
+    model_path = Path(model_path)
+    kind = torch.device(device).type
+    return model_path.with_name(f"{model_path.stem}.{kind}-{str(dtype).removeprefix('torch.')}-nqm{n_qm}.pt2")
+
+
+def _example_inputs(model: QMMMModel, n_qm: int, device, dtype):
+    """Inputs whose sizes are all different (symbolic tracing gives equal sizes one symbol)."""
+    g = torch.Generator().manual_seed(0)
+    B, M, m = 7 if n_qm not in (6, 7, 8) else 11, 61, 13
+    qm = (torch.randn(B, n_qm, 3, generator=g) * 1.5).to(device, dtype)
+    mm = (torch.randn(B, M, 3, generator=g) * 10.0 + 4.0).to(device, dtype)
+    charge = torch.randn(B, M, generator=g).to(device, dtype) * 0.5
+    near = torch.randint(0, M, (B, m), generator=g).to(device)
+    near_mask = torch.ones(B, m, device=device, dtype=dtype)
+    species = torch.randint(0, len(model.elements), (B, n_qm), generator=g).to(device)
+    total = torch.zeros(B, device=device, dtype=dtype)
+    return species, qm, mm, charge, near, near_mask, total
+
+
+def _split_products(gm: torch.fx.GraphModule) -> None:
+    """Rewrite ``operator.mul(a, b, c)`` of symbolic sizes into ``mul(mul(a, b), c)``.
+
+    (The exported graph can hold three-argument products of sizes, which the
+    compiler's interpreter does not accept.)
+    """
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is operator.mul and len(node.args) > 2:
+            with graph.inserting_before(node):
+                acc = node.args[0]
+                for arg in node.args[1:-1]:
+                    acc = graph.call_function(operator.mul, (acc, arg))
+            node.args = (acc, node.args[-1])
+    gm.recompile()
+
+
+class _Traced(torch.nn.Module):
+    """The traced graph with the model's parameters and buffers held as constants."""
+
+    def __init__(self, graph: torch.fx.GraphModule, state: list[torch.Tensor]):
+        super().__init__()
+        self.graph_module = graph
+        self.n_state = len(state)
+        for k, t in enumerate(state):
+            self.register_buffer(f"state_{k}", t)
+
+    def forward(self, species, qm, mm, charge, near, near_mask, total):
+        state = [getattr(self, f"state_{k}") for k in range(self.n_state)]
+        return self.graph_module(state, species, qm, mm, charge, near, near_mask, total)
+
+
+def export_potential(model: QMMMModel, n_qm: int, device="cpu", dtype=torch.float32):
+    """``torch.export`` program of the model's :class:`Potential` for frames of ``n_qm`` QM atoms."""
+    from torch.func import functional_call
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    potential = Potential(model.to(device, dtype).eval())
+    names = [k for k, _ in potential.named_parameters()] + [k for k, _ in potential.named_buffers()]
+    state = [t.detach() for _, t in potential.named_parameters()] + [t for _, t in potential.named_buffers()]
+
+    def functional(state, *inputs):
+        return functional_call(potential, dict(zip(names, state)), inputs)
+
+    example = _example_inputs(model, n_qm, device, dtype)
+    graph = make_fx(functional, tracing_mode="symbolic")(state, *example)
+    traced = _Traced(graph, state)
+    batch = torch.export.Dim("batch", min=1)
+    n_mm = torch.export.Dim("n_mm", min=1)
+    n_near = torch.export.Dim("n_near", min=1)
+    dynamic = ({0: batch}, {0: batch}, {0: batch, 1: n_mm}, {0: batch, 1: n_mm}, {0: batch, 1: n_near},
+               {0: batch, 1: n_near}, {0: batch})
+    program = torch.export.export(traced, example, dynamic_shapes=dynamic)
+    _split_products(program.graph_module)
+    return program
+
+
+def compile_model(model: QMMMModel, checksum: str, n_qm: int, path: str | Path, device="cpu",
+                  dtype=torch.float32) -> Path:
+    """Compile the model for frames of ``n_qm`` QM atoms into the package ``path`` (minutes on a CPU)."""
+    import torch._inductor
+
+    program = export_potential(model, n_qm, device, dtype)
+    metadata = {"model_checksum": checksum, "n_qm": str(n_qm), "dtype": str(dtype),
+                "device": torch.device(device).type, "torch_version": torch.__version__}
+    configs = {"aot_inductor.metadata": metadata}
+    if torch.device(device).type == "cpu" and platform.machine() in ("x86_64", "AMD64"):
+        configs["cpp.march"] = "x86-64-v3"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.pt2")
+    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
+    tmp.replace(path)
+    return path
+
+
+def load_compiled(path: str | Path, checksum: str, n_qm: int, device, dtype):
+    """The compiled potential in ``path`` (a callable like :class:`Potential`), checked against the model."""
+    import torch._inductor
+
+    runner = torch._inductor.aoti_load_package(str(path), device_index=torch.device(device).index or -1
+                                               if torch.device(device).type == "cuda" else -1)
+    meta = runner.get_metadata()
+    expected = {"model_checksum": checksum, "n_qm": str(n_qm), "dtype": str(dtype),
+                "device": torch.device(device).type, "torch_version": torch.__version__}
+    wrong = {k: (meta.get(k), v) for k, v in expected.items() if meta.get(k) != v}
+    if wrong:
+        detail = ", ".join(f"{k} {a} (need {b})" for k, (a, b) in wrong.items())
+        raise CompiledModelError(f"compiled model {path} does not fit: {detail}")
+    return runner

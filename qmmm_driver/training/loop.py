@@ -1,0 +1,219 @@
+"""``qmmm-driver train CONFIG``: fit the model to labelled frames (the config: :mod:`.config`).
+
+Outputs in ``[training] output``: ``model.pt`` (best validation loss, weights
+averaged over steps, with test and transfer metrics in its metadata),
+``checkpoint.pt`` (resume with ``--resume``), ``split.json``, ``history.json``,
+``test_metrics.json`` and ``learning_curve.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..nn import QMMMModel
+from ..nn.io import load_model, save_model
+from ..structures import read_structures, write_atomically
+from ..units import ANGSTROM_TO_BOHR
+from .config import TrainConfig
+from .data import batches, elements_of, prepare, rows_in, split_indices
+from .loss import loss_terms, predict, total_loss
+from .metrics import Metrics, evaluate_structures
+from .statistics import fit_statistics
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+class Trainer:
+    """One training run: data, model, optimiser, the epoch loop, checkpoints and the final scores."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
+        from ..parallel import select_device
+
+        self.cfg, self.opts, self.progress = cfg, cfg.training, progress
+        self.out = cfg.path(self.opts.output)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = select_device(self.opts.device)
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}[self.opts.dtype]
+        if self.opts.threads > 0:
+            torch.set_num_threads(self.opts.threads)
+        torch.manual_seed(self.opts.seed)
+        self.rng = np.random.default_rng(self.opts.seed)
+        self._load_data(resume)
+        self._build()
+        self.history: list[dict] = []
+        self.best, self.best_epoch, self.start_epoch, self.step = math.inf, -1, 0, 0
+        self.stage2_active = False
+        if resume:
+            self._restore()
+
+    # ---- setup
+    def _load_data(self, resume: bool) -> None:
+        cfg = self.cfg
+        self.structures = []
+        for name in cfg.data.files:
+            self.structures += read_structures(cfg.path(name), require_labels=True)
+        split_file = self.out / "split.json"
+        if resume and split_file.exists():
+            self.split = json.loads(split_file.read_text())
+        else:
+            self.split = split_indices(len(self.structures), tuple(cfg.data.split), cfg.data.seed)
+            write_atomically(split_file, json.dumps({"files": cfg.data.files, **self.split}))
+        self.settings = cfg.settings(elements_of(self.structures))
+        self.loss_radius = cfg.data.mm_force_radius * ANGSTROM_TO_BOHR
+        near_radius = max(self.loss_radius, self.settings.short_range_cutoff if self.settings.short_range else 0.0)
+        self.sets = prepare(self.structures, self.settings.elements, self.settings.env_order, near_radius,
+                            self.loss_radius)
+        self.rows = {name: rows_in(self.sets, self.split[name]) for name in ("train", "validation", "test")}
+
+    def _build(self) -> None:
+        self.model = QMMMModel(self.settings)
+        self.stats = fit_statistics(self.model, self.sets, self.rows["train"])
+        self.model = self.model.to(self.device, self.dtype)
+        self.ema = QMMMModel(self.settings).to(self.device, self.dtype)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.opts.lr, amsgrad=True)
+        self.scheduler = self._new_scheduler()
+
+    def _new_scheduler(self):
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=self.opts.lr_factor,
+                                                          patience=self.opts.lr_patience, min_lr=self.opts.min_lr)
+
+    def _restore(self) -> None:
+        path = self.out / "checkpoint.pt"
+        if not path.exists():
+            raise InputError(f"--resume: no checkpoint at {path}")
+        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.stage2_active = bool(ckpt.get("stage2_active", False))
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.history = json.loads(ckpt["history"])
+        self.best, self.best_epoch, self.start_epoch = ckpt["best"], ckpt["best_epoch"], ckpt["epoch"] + 1
+        self.step = ckpt["step"]
+        self.rng = np.random.default_rng(self.opts.seed + self.start_epoch)
+
+    # ---- one epoch
+    def _weights(self, epoch: int, bar):
+        stage2 = self.cfg.stage2
+        if stage2 is None or epoch < stage2.start_epoch:
+            return self.cfg.loss
+        if not self.stage2_active:  # entering stage 2: new loss scale, so a new best and a new plateau count
+            self.stage2_active = True
+            if stage2.lr > 0:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = min(group["lr"], stage2.lr)
+            self.best = math.inf
+            self.scheduler = self._new_scheduler()
+            bar.write(f"epoch {epoch}: stage 2, loss weights {stage2.weights(self.cfg.loss).__dict__}, "
+                      f"lr {self.optimizer.param_groups[0]['lr']:.1e}")
+        return stage2.weights(self.cfg.loss)
+
+    def _update_ema(self) -> None:
+        decay = min(self.opts.ema_decay, (1.0 + self.step) / (10.0 + self.step))  # warm-up: early steps count fully
+        with torch.no_grad():
+            for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+                pe.mul_(decay).add_(pm.detach(), alpha=1.0 - decay)
+
+    def train_epoch(self, weights) -> float:
+        self.model.train()
+        total, n = 0.0, 0
+        for batch in batches(self.sets, self.rows["train"], self.opts.batch_size, self.rng, self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = total_loss(loss_terms(predict(self.model, batch, create_graph=True), batch), weights)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
+            self.optimizer.step()
+            self.step += 1
+            self._update_ema()
+            total += float(loss.detach())
+            n += 1
+        return total / max(n, 1)
+
+    def validate(self, weights) -> tuple[float, Metrics]:
+        metrics, total, n = Metrics(), 0.0, 0
+        for batch in batches(self.sets, self.rows["validation"], self.opts.batch_size, device=self.device):
+            pred = predict(self.ema, batch, create_graph=False)
+            total += float(total_loss(loss_terms(pred, batch), weights).detach())
+            n += 1
+            metrics.add_frames(pred["energy"].detach().cpu(), batch.energy.cpu(),
+                               pred["qm_forces"].detach().double().cpu(), batch.qm_forces.cpu())
+        return total / max(n, 1), metrics
+
+    # ---- the run
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        started = time.time() - 60.0 * (self.history[-1]["minutes"] if self.history else 0.0)
+        bar = tqdm(range(self.start_epoch, self.opts.epochs), desc="training", unit="epoch",
+                   disable=not self.progress, initial=self.start_epoch, total=self.opts.epochs)
+        stop_reason = "epochs done"
+        model_path = self.out / "model.pt"
+        for epoch in bar:
+            weights = self._weights(epoch, bar)
+            epoch_started = time.time()
+            train_loss = self.train_epoch(weights)
+            val_loss, val = self.validate(weights)
+            self.scheduler.step(val_loss)
+            record = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                      "lr": self.optimizer.param_groups[0]["lr"], "val_energy_mae_meV": val.mae("energy"),
+                      "val_force_mae_meV_per_A": val.mae("forces"), "epoch_seconds": time.time() - epoch_started,
+                      "minutes": (time.time() - started) / 60.0}
+            self.history.append(record)
+            if val_loss < self.best:
+                self.best, self.best_epoch = val_loss, epoch
+                save_model(self.ema, model_path, metadata={"config": self.cfg.as_dict(), "epoch": epoch,
+                                                           "statistics": self.stats})
+            bar.set_postfix(loss=f"{train_loss:.3g}", val_E=f"{record['val_energy_mae_meV']:.2f}meV",
+                            val_F=f"{record['val_force_mae_meV_per_A']:.1f}meV/A", lr=f"{record['lr']:.1e}")
+            _save_checkpoint(self.out / "checkpoint.pt", {
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "stage2_active": self.stage2_active, "history": json.dumps(self.history), "best": self.best,
+                "best_epoch": self.best_epoch, "epoch": epoch, "step": self.step})
+            if epoch - self.best_epoch >= self.opts.patience:
+                stop_reason = f"early stop: no validation improvement for {self.opts.patience} epochs"
+                break
+            if record["minutes"] >= self.opts.max_minutes:
+                stop_reason = f"time budget of {self.opts.max_minutes} min reached"
+                break
+        bar.close()
+        return self.finish(model_path, stop_reason)
+
+    def finish(self, model_path: Path, stop_reason: str) -> dict:
+        """Score the best model on the test split and the transfer sets; write the metrics and plots."""
+        from ..plots import learning_curve
+
+        write_atomically(self.out / "history.json", json.dumps(self.history, indent=1))
+        learning_curve(self.history, self.out / "learning_curve.png")
+        if not model_path.exists():
+            raise InputError(f"no model was saved in {self.out} (no epoch ran)")
+        best = load_model(model_path, self.device)
+        test, _ = evaluate_structures(best, [self.structures[i] for i in self.split["test"]], self.loss_radius,
+                                      self.device, self.dtype)
+        summary = {**test.summary(), "best_epoch": self.best_epoch, "epochs_run": len(self.history),
+                   "seconds_per_epoch": float(np.median([h["epoch_seconds"] for h in self.history])),
+                   "stop": stop_reason, "transfer": {}}
+        for name in self.cfg.data.transfer:
+            frames = read_structures(self.cfg.path(name), require_labels=True)
+            metrics, _ = evaluate_structures(best, frames, self.loss_radius, self.device, self.dtype)
+            summary["transfer"][name] = metrics.summary()
+        write_atomically(self.out / "test_metrics.json", json.dumps(summary, indent=1))
+        save_model(best, model_path, metadata={**best.metadata, "test_metrics": summary})
+        return {"model": str(model_path), "test": summary, "history": self.history}
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Train as configured; returns the test metrics and output paths."""
+    return Trainer(cfg, resume, progress).run()
