@@ -1,20 +1,25 @@
-"""i-PI PIMD throughput: qmmm-driver against i-PI's own floor and its stock Python driver.
+"""i-PI PIMD throughput: qmmm-driver against i-PI's own floor and against i-PI's stock driver, fairly.
 
-For each example system (water, sn2) and bead count (1, 8, 32) the same i-PI
-input (PIMD, PILE-L, the model forcefield only) runs with three clients of its
-socket, measured in the same run:
+Every comparison runs the same i-PI input with different clients of its sockets, in the same run of this
+script, on the same machine; steps per second are timed between the first and the last measured step (start-up
+excluded).
 
-- `dummy`: i-PI's `i-pi-py_driver -m dummy` (zero forces): the floor of i-PI itself;
-- `stock`: i-PI's `i-pi-py_driver -m custom` hosting the same model (benchmarks/stock_pes.py);
-- `qmmm-driver`: `qmmm-driver run`, with all beads in one batched request.
+1. ``shipped``: ``qmmm-driver launch`` as shipped (template ``pimd``, 16 beads, shipped water model + OpenMM,
+   1671 atoms, the launcher's batching) against the same input with i-PI's dummy driver on both sockets (the
+   floor: i-PI's own cost); also with the MM nonbonded terms on a contracted ring polymer (``pimd-contracted``).
+2. ``user``: a user's own PIMD input, 8 beads, the water example cut to a ~700-atom cluster, the model socket
+   only, no ``<batch_size>``, one worker (one structure per request), against the dummy floor.
+3. ``fair``: a batched input (``<batch_size>`` = beads) served by ``qmmm-driver run`` and by i-PI's own
+   ``i-pi-py_driver`` hosting the same evaluator through a PES that overrides ``compute`` for batches
+   (``qmmm_driver/ipi/pes.py``): the best the stock driver can do with this model.
 
-Steps per second are timed between the first and last of the measured steps
-(start-up excluded). A second table runs qmmm-driver with 1, 2 and 4 workers.
+Padding: the structures the model workers evaluated, from their exit lines, against the structures i-PI asked
+for (beads x steps): i-PI pads partial batches by repeating the last structure.
 
-    python benchmarks/ipi_pimd.py                    # full sweep
-    python benchmarks/ipi_pimd.py --quick            # water, 8 beads only
+    python benchmarks/ipi_pimd.py                 # all three
+    python benchmarks/ipi_pimd.py --only fair     # one of them
 
-Prints tables and writes JSON (default benchmarks/results/ipi_pimd.json).
+Prints tables and writes benchmarks/results/ipi_pimd.json (with the machine it ran on).
 """
 
 from __future__ import annotations
@@ -23,23 +28,30 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qmmm_driver.launch import last_step  # noqa: E402
+from qmmm_driver.ipi.outputs import OutputSpec, last_step  # noqa: E402
+from qmmm_driver.launcher import MODELS, TEMPLATES  # noqa: E402
 
+OUT = [OutputSpec("properties", "sim.out", "")]
 INPUT = """<simulation verbosity='low'>
   <output prefix='sim'> <properties stride='1' filename='out'> [ step, potential ] </properties> </output>
   <total_steps> {steps} </total_steps>
-  <ffsocket name='qmmm' mode='unix' pbc='false'> <address>{address}</address> {batch} </ffsocket>
+  <ffsocket name='qmmm' mode='unix' pbc='false'> <address>{address}</address> {batch}
+    <consolidate_messages> {consolidate} </consolidate_messages> </ffsocket>
   <system>
     <initialize nbeads='{beads}'> <file mode='ase'> {system} </file>
       <velocities mode='thermal' units='kelvin'> 300 </velocities> </initialize>
@@ -50,66 +62,146 @@ INPUT = """<simulation verbosity='low'>
   </system>
 </simulation>
 """
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread per process for every client
 
 
-def model_for(example: Path, work: Path) -> Path:
-    """The example's shipped model, or an untrained model of the same size (timing only)."""
-    if (example / "model.pt").exists():
-        return example / "model.pt"
+def timed(run_dir: Path, proc, warmup: int) -> tuple[float, int]:
+    """Steps per second of a running i-PI (or launcher) between step ``warmup`` and its last step."""
+    t0 = s0 = None
+    while proc.poll() is None:
+        step = last_step(run_dir, OUT) if (run_dir / "sim.out").exists() else \
+            last_step(run_dir, [OutputSpec("properties", "simulation.out", "")])
+        if t0 is None and step is not None and step >= warmup:
+            t0, s0 = time.perf_counter(), step
+        time.sleep(0.005)
+    t1 = time.perf_counter()
+    final = last_step(run_dir, OUT) or last_step(run_dir, [OutputSpec("properties", "simulation.out", "")])
+    if proc.returncode != 0 or t0 is None or final is None or final <= s0:
+        raise RuntimeError(f"run in {run_dir} failed (exit {proc.returncode}); see its logs")
+    return (final - s0) / (t1 - t0), final
+
+
+def served(log: str) -> int:
+    return sum(int(n) for n in re.findall(r"served (\d+) structures", log))
+
+
+# --------------------------------------------------------------------------- 1: the shipped main job
+
+def shipped(work: Path, steps: int, warmup: int, template: str = "pimd") -> dict:
+    """``qmmm-driver launch TEMPLATE`` with the shipped water model against the dummy floor on the same input."""
+    root = ET.parse(TEMPLATES / f"{template}.xml").getroot()
+    root.find("total_steps").text = f" {steps + warmup} "
+    for out in root.find("output"):
+        out.set("stride", "1" if out.tag == "properties" else "100000")
+    nbeads = int(next(root.iter("initialize")).get("nbeads"))
+    xml = work / f"{template}.xml"
+    ET.ElementTree(root).write(xml)
+    run = work / f"launch-{template}"
+    proc = subprocess.Popen([sys.executable, "-m", "qmmm_driver.cli", "launch", str(xml), "--example", "water",
+                             "--run-dir", str(run), "--no-progress"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=ENV)
+    rate, final = timed(run, proc, warmup)
+    evaluated = served((run / "qmmm-w0.log").read_text())
+    # the floor: the same prepared input, i-PI's dummy driver on every socket
+    floor_dir = work / f"floor-{template}"
+    floor_dir.mkdir()
+    text = (run / "input.xml").read_text()
+    addresses = re.findall(r"<address>\s*(\S+)\s*</address>", text)
+    for a in addresses:
+        text = text.replace(a, f"fl{uuid.uuid4().hex[:8]}{a[-8:]}")
+    (floor_dir / "input.xml").write_text(text.replace(str(run), str(floor_dir)))
+    for name in ("system.extxyz",):
+        (floor_dir / name).symlink_to((run / name).resolve())
+    rate_floor = dummy_run(floor_dir, re.findall(r"<address>\s*(\S+)\s*</address>", text), warmup)
+    return {"input": template, "beads": nbeads, "atoms": 1671, "qmmm_driver_steps_per_s": rate,
+            "floor_steps_per_s": rate_floor, "ratio_to_floor": rate / rate_floor,
+            "model_structures_evaluated": evaluated, "structures_requested": nbeads * (final + 1),
+            "padded": evaluated - nbeads * (final + 1)}
+
+
+def dummy_run(run_dir: Path, addresses: list[str], warmup: int) -> float:
+    log = open(run_dir / "log", "wb")
+    procs = [subprocess.Popen(["i-pi", "input.xml"], cwd=run_dir, stdout=log, stderr=subprocess.STDOUT)]
+    try:
+        while not all(Path("/tmp/ipi_" + a).exists() for a in addresses):
+            time.sleep(0.05)
+            if procs[0].poll() is not None:
+                raise RuntimeError(f"i-PI failed in {run_dir}")
+        for a in addresses:
+            procs.append(subprocess.Popen(["i-pi-py_driver", "-u", "-a", a, "-m", "dummy"], cwd=run_dir, stdout=log,
+                                          stderr=subprocess.STDOUT, env=ENV))
+        return timed(run_dir, procs[0], warmup)[0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        log.close()
+        for a in addresses:
+            Path("/tmp/ipi_" + a).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- 2 and 3: one model socket
+
+def cluster_system(work: Path, radius_A: float = 12.0) -> Path:
+    """The shipped water system cut to the QM water and the MM waters within ``radius_A`` (no cell)."""
+    from qmmm_driver.structures import QMMMStructure
+    from qmmm_driver.units import ANGSTROM_TO_BOHR
+
+    full = QMMMStructure.read(MODELS / "water" / "system.extxyz")
+    pos, cell = full.positions, full.cell
+    centre = pos[full.qm_indices].mean(axis=0)
+    mol = full.molecule
+    keep = []
+    for m in np.unique(mol):
+        atoms = np.flatnonzero(mol == m)
+        shift = -np.round((pos[atoms[0]] - centre) @ np.linalg.inv(cell)) @ cell
+        if np.linalg.norm(pos[atoms].mean(axis=0) + shift - centre) < radius_A * ANGSTROM_TO_BOHR \
+                or m == mol[full.qm_indices[0]]:
+            keep.append((atoms, shift))
+    index = np.concatenate([a for a, _ in keep])
+    new_pos = np.concatenate([pos[a] + s for a, s in keep])
+    from dataclasses import replace
+
+    cluster = replace(full, numbers=full.numbers[index], positions=new_pos, qm=full.qm[index],
+                      mm_charge=full.mm_charge[index], molecule=mol[index], cell=None)
+    atoms = cluster.to_atoms()
+    atoms.set_cell(np.eye(3) * 80.0)  # i-PI needs a cell; pbc stays off: a cluster
+    atoms.pbc = False
     import ase.io
-    import torch
 
-    from qmmm_driver.model import ModelSettings, QMMMModel
-    from qmmm_driver.model.io import save_model
-
-    atoms = ase.io.read(example / "system.extxyz")
-    elements = sorted({atoms[i].symbol for i in range(len(atoms)) if atoms.arrays["qm"][i] == 1})
-    torch.manual_seed(0)
-    model = QMMMModel(ModelSettings(elements=elements))
-    with torch.no_grad():
-        model.energy_scale.fill_(1e-3)  # mild forces: the run must stay stable for a few steps
-    return save_model(model, work / f"{example.name}-untrained.pt")
+    path = work / "cluster.extxyz"
+    ase.io.write(path, atoms, format="extxyz")
+    return path
 
 
 def client(kind: str, address: str, model: Path, system: Path) -> list[str]:
     if kind == "dummy":
         return ["i-pi-py_driver", "-u", "-a", address, "-m", "dummy"]
     if kind == "stock":
-        return ["i-pi-py_driver", "-u", "-a", address, "-m", "custom", "-P", str(REPO / "benchmarks" / "stock_pes.py"),
-                "-o", f"model={model},system={system}"]
+        return ["i-pi-py_driver", "-u", "-a", address, "-m", "custom", "-P",
+                str(REPO / "qmmm_driver" / "ipi" / "pes.py"), "-o", f"model={model},system={system}"]
     return [sys.executable, "-m", "qmmm_driver.cli", "run", "--model", str(model), "--system", str(system),
             "--unix", address]
 
 
-def measure(kind: str, example: Path, model: Path, beads: int, steps: int, warmup: int, workers: int,
-            work: Path) -> float:
-    """Steps per second of one i-PI PIMD run served by ``workers`` clients of ``kind``."""
-    run = work / f"{example.name}-{kind}-{beads}-{workers}-{uuid.uuid4().hex[:6]}"
+def single(kind: str, system: Path, model: Path, beads: int, batch: int, steps: int, warmup: int,
+           work: Path) -> dict:
+    run = work / f"{kind}-{beads}-{batch}-{uuid.uuid4().hex[:6]}"
     run.mkdir()
     address = f"bench{uuid.uuid4().hex[:10]}"
-    batch = f"<batch_size> {max(1, beads // workers)} </batch_size>" if kind == "qmmm-driver" and beads > 1 else ""
-    (run / "input.xml").write_text(INPUT.format(steps=steps + warmup, address=address, batch=batch, beads=beads,
-                                                system=example / "system.extxyz"))
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # same threading for every client: one per process
+    (run / "input.xml").write_text(INPUT.format(
+        steps=steps + warmup, address=address, beads=beads, system=system,
+        batch=f"<batch_size> {batch} </batch_size>" if batch > 1 else "",
+        consolidate="true" if batch > 1 else "false"))
     log = open(run / "log", "wb")
     procs = [subprocess.Popen(["i-pi", "input.xml"], cwd=run, stdout=log, stderr=subprocess.STDOUT)]
     try:
         while not Path("/tmp/ipi_" + address).exists():
             time.sleep(0.05)
-        for _ in range(workers):
-            procs.append(subprocess.Popen(client(kind, address, model, example / "system.extxyz"), cwd=run,
-                                          stdout=log, stderr=subprocess.STDOUT, env=env))
-        t0 = None
-        while procs[0].poll() is None:
-            step = last_step(run, ["sim.out"]) or 0
-            if t0 is None and step >= warmup:
-                t0, s0 = time.perf_counter(), step
-            time.sleep(0.01)
-        t1 = time.perf_counter()
-        final = last_step(run, ["sim.out"])
-        if procs[0].returncode != 0 or t0 is None or final is None:
-            raise RuntimeError(f"{kind} run failed; see {run / 'log'}")
-        return (final - s0) / (t1 - t0)
+        procs.append(subprocess.Popen(client(kind, address, model, system), cwd=run, stdout=log,
+                                      stderr=subprocess.STDOUT, env=ENV))
+        rate, final = timed(run, procs[0], warmup)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -117,51 +209,59 @@ def measure(kind: str, example: Path, model: Path, beads: int, steps: int, warmu
             p.wait()
         log.close()
         Path("/tmp/ipi_" + address).unlink(missing_ok=True)
+    out = {"steps_per_s": rate, "ms_per_structure": 1000.0 / (rate * beads)}
+    if kind == "qmmm-driver":
+        out["padded"] = served((run / "log").read_text()) - beads * (final + 1)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--systems", default="water,sn2")
-    p.add_argument("--beads", default="1,8,32")
-    p.add_argument("--workers", default="1,2,4", help="worker counts for the scaling table")
-    p.add_argument("--steps", type=int, default=40, help="measured steps per run (after warm-up)")
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="water, 8 beads, 1-2 workers")
+    p.add_argument("--only", choices=["shipped", "user", "fair"], default=None)
+    p.add_argument("--steps", type=int, default=60, help="measured steps per run (after warm-up)")
+    p.add_argument("--warmup", type=int, default=6)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ipi_pimd.json")
     args = p.parse_args()
-    if args.quick:
-        args.systems, args.beads, args.workers = "water", "8", "1,2"
     work = Path(tempfile.mkdtemp(prefix="qmmm-bench-"))
-    results = {"machine": platform.platform(), "cpus": os.cpu_count(), "runs": [], "workers": []}
+    results = json.loads(args.out.read_text()) if args.out.exists() and args.only else {}
+    results.update(machine=f"{platform.platform()}, {platform.processor() or platform.machine()}",
+                   cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d"))
+    model = MODELS / "water" / "model.pt"
     try:
-        print(f"{'system':7s} {'beads':>5s} {'dummy':>9s} {'stock':>9s} {'qmmm-drv':>9s} {'drv/dummy':>9s} "
-              f"{'drv/stock':>9s}   (steps/s)")
-        for name in args.systems.split(","):
-            example = REPO / "examples" / name
-            model = model_for(example, work)
-            for beads in map(int, args.beads.split(",")):
-                rates = {k: measure(k, example, model, beads, args.steps, args.warmup, 1, work)
-                         for k in ("dummy", "stock", "qmmm-driver")}
-                results["runs"].append({"system": name, "beads": beads, **rates})
-                print(f"{name:7s} {beads:5d} {rates['dummy']:9.2f} {rates['stock']:9.2f} {rates['qmmm-driver']:9.2f} "
-                      f"{rates['qmmm-driver'] / rates['dummy']:9.2f} {rates['qmmm-driver'] / rates['stock']:9.2f}",
-                      flush=True)
-        name = args.systems.split(",")[0]
-        example = REPO / "examples" / name
-        model = model_for(example, work)
-        beads = max(map(int, args.beads.split(",")))
-        print(f"\n{name}, {beads} beads: qmmm-driver workers")
-        base = None
-        for n in map(int, args.workers.split(",")):
-            rate = measure("qmmm-driver", example, model, beads, args.steps, args.warmup, n, work)
-            base = base or rate
-            results["workers"].append({"system": name, "beads": beads, "workers": n, "steps_per_s": rate})
-            print(f"  {n} worker(s): {rate:7.2f} steps/s  ({rate / base:.2f} x one worker)", flush=True)
+        if args.only in (None, "shipped"):
+            results["shipped"] = [shipped(work, args.steps, args.warmup, t) for t in ("pimd", "pimd-contracted")]
+            for r in results["shipped"]:
+                print(f"launch {r['input']} ({r['beads']} beads, {r['atoms']} atoms): {r['qmmm_driver_steps_per_s']:.2f} "
+                      f"steps/s, floor {r['floor_steps_per_s']:.2f} -> {r['ratio_to_floor']:.2f} of the floor; "
+                      f"padded structures {r['padded']} of {r['model_structures_evaluated']}", flush=True)
+        system = cluster_system(work)
+        if args.only in (None, "user"):
+            dummy = single("dummy", system, model, 8, 1, args.steps, args.warmup, work)
+            ours = single("qmmm-driver", system, model, 8, 1, args.steps, args.warmup, work)
+            results["user"] = {"beads": 8, "atoms": sum(1 for _ in open(system)) - 2, "batch": 1,
+                               "dummy": dummy, "qmmm_driver": ours,
+                               "ratio_to_floor": ours["steps_per_s"] / dummy["steps_per_s"]}
+            print(f"user input (8 beads, cluster, unbatched): {ours['steps_per_s']:.2f} steps/s "
+                  f"({ours['ms_per_structure']:.2f} ms per structure), floor {dummy['steps_per_s']:.2f} -> "
+                  f"{results['user']['ratio_to_floor']:.2f}", flush=True)
+        if args.only in (None, "fair"):
+            rows = []
+            for beads in (8, 32):
+                stock = single("stock", system, model, beads, beads, args.steps, args.warmup, work)
+                ours = single("qmmm-driver", system, model, beads, beads, args.steps, args.warmup, work)
+                dummy = single("dummy", system, model, beads, beads, args.steps, args.warmup, work)
+                rows.append({"beads": beads, "batch": beads, "stock_batched": stock, "qmmm_driver": ours,
+                             "dummy": dummy, "vs_stock": ours["steps_per_s"] / stock["steps_per_s"],
+                             "ratio_to_floor": ours["steps_per_s"] / dummy["steps_per_s"]})
+                print(f"batched {beads} beads: qmmm-driver {ours['steps_per_s']:.2f}, stock driver with the batched "
+                      f"PES {stock['steps_per_s']:.2f} ({rows[-1]['vs_stock']:.2f}x), floor {dummy['steps_per_s']:.2f} "
+                      f"({rows[-1]['ratio_to_floor']:.2f})", flush=True)
+            results["fair"] = rows
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
-    print(f"\nwrote {args.out}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Sweeps the QM size (3..50 atoms), the MM size (100..100 000 point charges) and the
 batch size (frames evaluated together), each against the smallest case measured
-in the same run, and fits the growth exponent (time ~ N^a). Every configuration
+in the same run, and fits the growth exponent (time ~ N^a). The eager model (a
+compiled one is specialised to one QM size; see profile_call.py and ipi_pimd.py). Every configuration
 runs in a fresh subprocess so that its peak memory is its own (CPU: peak resident
 memory above the process after warm-up; GPU: torch's peak allocated memory).
 
@@ -59,16 +60,16 @@ def measure(n_qm: int, n_mm: int, batch: int, device: str, dtype: str, repeats: 
     """Run in a subprocess: time and peak memory of one evaluation of ``batch`` frames."""
     import torch
 
-    from qmmm_driver.evaluator import Evaluator
-    from qmmm_driver.model import ModelSettings, QMMMModel
-    from qmmm_driver.system import QMMMSystem
+    from qmmm_driver.evaluator import ModelEvaluator
+    from qmmm_driver.nn import ModelSettings, QMMMModel
+    from qmmm_driver.structures import QMMMStructure
     from qmmm_driver.units import ANGSTROM_TO_BOHR
 
     torch.manual_seed(0)
-    model = QMMMModel(ModelSettings(elements=["H", "O"]))
+    model = QMMMModel(ModelSettings(elements=["H", "O"], masses=[1.008, 15.999]))
     atoms = make_atoms(n_qm, n_mm)
-    ev = Evaluator(model, QMMMSystem.from_atoms(atoms), device=device,
-                   dtype={"float32": torch.float32, "float64": torch.float64}[dtype])
+    ev = ModelEvaluator(model, QMMMStructure.from_atoms(atoms), device=device,
+                        dtype={"float32": torch.float32, "float64": torch.float64}[dtype])
     rng = np.random.default_rng(1)
     pos = atoms.positions * ANGSTROM_TO_BOHR
     frames = np.stack([pos + rng.normal(scale=0.01, size=pos.shape) for _ in range(batch)])

@@ -35,12 +35,11 @@ def main() -> None:
     import torch
     from pyscf import lib
 
-    from ipi_pimd import model_for
-    from qmmm_driver.evaluator import Evaluator
-    from qmmm_driver.frames import read_frames
+    from qmmm_driver.evaluator import ModelEvaluator, load
     from qmmm_driver.labelling import label_frame
-    from qmmm_driver.model.io import load_model
-    from qmmm_driver.system import QMMMSystem
+    from qmmm_driver.launcher import MODELS
+    from qmmm_driver.nn.compile import compiled_path, load_compiled
+    from qmmm_driver.structures import read_structures
 
     torch.set_num_threads(1)
     lib.num_threads(1)
@@ -52,12 +51,15 @@ def main() -> None:
         if not data:
             print(f"{name}: no labelled frames in {example / 'data'}; skipped")
             continue
-        frame = read_frames(data[0], index="0")[0]
+        frame = read_structures(data[0], index="0")[0]
         t = time.perf_counter()
         label_frame(frame)
         t_ref = time.perf_counter() - t
-        model = load_model(model_for(example, Path("/tmp")))
-        ev = Evaluator(model, QMMMSystem.from_atoms(frame.to_atoms()))
+        model_path = MODELS / name / "model.pt"
+        model = load(model_path)
+        compiled = compiled_path(model_path, frame.n_qm, "cpu", torch.float32)
+        runner = load_compiled(compiled, model.checksum, frame.n_qm, "cpu", torch.float32) if compiled.exists() else None
+        ev = ModelEvaluator(model, frame, compiled=runner)
         ev.compute(frame.positions)
         times = []
         for _ in range(args.repeats):
@@ -66,7 +68,7 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         t_model = float(np.median(times))
         rows.append({"system": name, "atoms": len(frame.numbers), "pyscf_s": t_ref, "model_ms": 1000 * t_model,
-                     "speedup": t_ref / t_model})
+                     "speedup": t_ref / t_model, "compiled": runner is not None})
         print(f"{name:7s} {len(frame.numbers):6d} {t_ref:10.2f} {1000 * t_model:11.2f} {t_ref / t_model:9.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=1))

@@ -1,18 +1,20 @@
-"""The paper's ablation: does a higher order K of the MM potential expansion help?
+"""Ablations: what each piece of model physics, and each order K of the MM potential expansion, does.
 
-Trains the model with K = 0 (potential), 1 (+ field), 2 (+ field gradient) and
-3 (+ third derivative) on the same data, split and budget (epochs), everything
-else as in the example's train.toml, then measures each on the in-distribution
-test split and on the transfer set: environments training never saw (an MM
-Na+ ion 3-6 A from the QM region, whose strong, inhomogeneous field the bulk
-water frames never contain).
+Trains variants of the example's model with everything else equal (data, split, seed, architecture, number of
+epochs) and scores each, with `qmmm-driver train`'s own final evaluation, on the in-distribution test split and
+on the example's transfer sets (ions and a medium training never saw).
 
-    python examples/ablation.py water --epochs 60
-    python examples/ablation.py sn2 --epochs 60
-    python examples/ablation.py water --report-only      # table from finished runs
+- ``physics``: the original model (features see the absolute MM potential), + exact gauge invariance,
+  + short-range MM features, + atomic polarisabilities (the shipped architecture).
+- ``order``: K = 0 (potential), 1 (+ field), 2 (+ field gradient), 3 (+ third derivative), gauge invariant,
+  with short-range features, without polarisabilities (they need the field, K >= 1).
 
-Writes runs/ablation-SYSTEM-K*/ and examples/SYSTEM/ablation.json, and prints a
-Markdown table.
+    python examples/ablation.py water physics --epochs 40
+    python examples/ablation.py sn2 order --epochs 40
+    python examples/ablation.py water physics --report-only      # the table from finished runs
+
+Writes runs/ablation-SYSTEM-KIND-VARIANT/ and examples/SYSTEM/ablation-KIND.json, and prints a Markdown table
+(energy MAE in meV per frame with the mean signed error in brackets, QM-force MAE in meV/A).
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+PHYSICS = {
+    "original": {"gauge_invariant": False, "short_range": False, "polarizability": False},
+    "+gauge": {"gauge_invariant": True, "short_range": False, "polarizability": False},
+    "+short-range": {"gauge_invariant": True, "short_range": True, "polarizability": False},
+    "+polarizability": {"gauge_invariant": True, "short_range": True, "polarizability": True},
+}
+ORDER = {f"K={k}": {"env_order": k, "gauge_invariant": True, "short_range": True, "polarizability": False}
+         for k in range(4)}
+
 
 def toml_value(v) -> str:
     if isinstance(v, bool):
@@ -37,61 +48,56 @@ def toml_value(v) -> str:
     return repr(v)
 
 
-def write_config(base: dict, path: Path) -> None:
+def write_config(cfg: dict, path: Path) -> None:
     lines = []
-    for section, values in base.items():
+    for section, values in cfg.items():
         lines.append(f"[{section}]")
         lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
         lines.append("")
     path.write_text("\n".join(lines))
 
 
-def evaluate(model: Path, data: list[Path], split: Path | None = None) -> dict:
-    cmd = [sys.executable, "-m", "qmmm_driver.cli", "evaluate", "--model", str(model), "--json", "--data",
-           *map(str, data)]
-    if split is not None:
-        cmd += ["--split", str(split), "--subset", "test"]
-    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+def fmt(metrics: dict) -> list[str]:
+    e, s, f = (metrics.get(k) for k in ("energy_mae_meV", "energy_mean_signed_meV", "force_mae_meV_per_A"))
+    return [f"{e:.1f} ({s:+.1f})" if e is not None else "-", f"{f:.0f}" if f is not None else "-"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("system", choices=["water", "sn2"])
-    p.add_argument("--orders", default="0,1,2,3")
-    p.add_argument("--epochs", type=int, default=60, help="the common budget (default 60)")
+    p.add_argument("kind", choices=["physics", "order"])
+    p.add_argument("--epochs", type=int, default=40, help="the common budget (default 40)")
+    p.add_argument("--only", default=None, help="comma-separated variants to (re)run")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     example = REPO / "examples" / args.system
     base = tomllib.loads((example / "train.toml").read_text())
-    data = [example / f for f in base["data"]["files"]]
-    transfer = example / "data" / f"{args.system}_ion.extxyz.xz"
+    variants = PHYSICS if args.kind == "physics" else ORDER
     rows = []
-    for k in map(int, args.orders.split(",")):
-        run = REPO / "runs" / f"ablation-{args.system}-K{k}"
-        if not args.report_only:
+    for name, overrides in variants.items():
+        run = REPO / "runs" / f"ablation-{args.system}-{args.kind}-{name.strip('+').replace('=', '')}"
+        if not args.report_only and (args.only is None or name in args.only.split(",")):
             run.mkdir(parents=True, exist_ok=True)
             cfg = {s: dict(v) for s, v in base.items()}
-            cfg["data"]["files"] = [str(f) for f in data]
-            cfg["model"]["env_order"] = k
+            cfg.pop("stage2", None)
+            for key in ("files", "transfer"):
+                cfg["data"][key] = [str(example / f) for f in cfg["data"].get(key, [])]
+            cfg["model"].update(overrides)
             cfg["training"].update(output=str(run), epochs=args.epochs, max_minutes=10000.0, patience=10000)
             write_config(cfg, run / "config.toml")
             subprocess.run([sys.executable, "-m", "qmmm_driver.cli", "train", str(run / "config.toml")], check=True)
-        test = json.loads((run / "test_metrics.json").read_text())
-        row = {"K": k, "test": test}
-        if transfer.exists():
-            row["transfer"] = evaluate(run / "model.pt", [transfer])
-        rows.append(row)
-    (example / "ablation.json").write_text(json.dumps({"epochs": args.epochs, "rows": rows}, indent=1))
-    print(f"\n{args.system}: K-ablation, {args.epochs} epochs each "
-          "(energy MAE meV / QM-force MAE meV/A / MM-force MAE meV/A)")
-    print("| K | test E | test F(QM) | test F(MM) | transfer E | transfer F(QM) | transfer F(MM) |")
-    print("|---|---|---|---|---|---|---|")
+        if (run / "test_metrics.json").exists():
+            rows.append({"variant": name, "model": overrides, **json.loads((run / "test_metrics.json").read_text())})
+    (example / f"ablation-{args.kind}.json").write_text(json.dumps({"epochs": args.epochs, "rows": rows}, indent=1))
+    sets = sorted({name for r in rows for name in r["transfer"]})
+    short = [Path(s).name.split(".")[0].removeprefix(f"{args.system}_") for s in sets]
+    print(f"\n{args.system}, {args.kind} ablation, {args.epochs} epochs each: energy MAE meV (mean signed), "
+          "QM-force MAE meV/A")
+    print("| variant | test E | test F | " + " | ".join(f"{s} E | {s} F" for s in short) + " |")
+    print("|---" * (3 + 2 * len(sets)) + "|")
     for r in rows:
-        t, x = r["test"], r.get("transfer", {})
-        cells = [f"{t['energy_mae_meV']:.2f}", f"{t['force_mae_meV_per_A']:.1f}", f"{t['mm_force_mae_meV_per_A']:.2f}"]
-        cells += [f"{x['energy_mae_meV']:.2f}", f"{x['force_mae_meV_per_A']:.1f}",
-                  f"{x['mm_force_mae_meV_per_A']:.2f}"] if x else ["-"] * 3
-        print(f"| {r['K']} | " + " | ".join(cells) + " |")
+        cells = fmt(r) + [c for s in sets for c in fmt(r["transfer"].get(s, {}))]
+        print(f"| {r['variant']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -58,8 +58,9 @@ def check_parameters(evaluator: Evaluator, params: Mapping[str, object], where: 
         kind = known[key][0]
         try:
             out[key] = kind(value)
-        except (TypeError, ValueError):
-            raise InputError(f"parameter '{key}' in {where} is {value!r}, not a {kind.__name__}") from None
+        except (TypeError, ValueError) as err:
+            why = str(err) if kind not in (int, float, str) else f"not a {kind.__name__}"
+            raise InputError(f"parameter '{key}' in {where} is {value!r}: {why}") from None
         if kind is float and not np.isfinite(out[key]):
             raise InputError(f"parameter '{key}' in {where} is {value}; it must be finite")
     return out

@@ -16,7 +16,7 @@ cleanly:
   i-PI is asked to exit softly, then everything is stopped.
 
 Nothing is left behind: no process (each runs in its own session and is killed
-with it), no socket file. A restart continues from the newest checkpoint
+with it, and gets SIGTERM if the launcher itself is killed), no socket file. A restart continues from the newest checkpoint
 (``RESTART`` or i-PI's periodic ``<checkpoint>``), after cutting the outputs
 back to that checkpoint's step, so that no step is missing or written twice.
 """
@@ -258,6 +258,14 @@ def clear_unstarted(run_dir: Path) -> None:
             path.unlink()
 
 
+def _terminate_with_parent() -> None:
+    """In a child, before exec: SIGTERM it when the launcher dies (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 class Run:
     """The processes of one launched run."""
 
@@ -274,9 +282,10 @@ class Run:
         return fh
 
     def _start(self, cmd: list[str], log_name: str) -> subprocess.Popen:
-        # a session of its own: Ctrl-C at the terminal reaches only the launcher, which stops the rest in order
+        # a session of its own: Ctrl-C at the terminal reaches only the launcher, which stops the rest in order;
+        # and SIGTERM when the launcher itself dies, whatever kills it (no orphans)
         return subprocess.Popen(cmd, cwd=self.run_dir, stdout=self._log(log_name), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_terminate_with_parent)
 
     def start_ipi(self, input_name: str) -> None:
         exe = shutil.which("i-pi")

@@ -22,7 +22,7 @@ import pytest
 from conftest import SMALL_MM_ARGS, finish_run, read_ipi_bin, read_ipi_properties, start_mm_worker
 
 from qmmm_driver.launcher import TEMPLATES
-ALL_TEMPLATES = ("md-nvt.xml", "nve.xml", "pimd.xml", "remd.xml", "pimd-remd.xml", "hremd.xml")
+ALL_TEMPLATES = ("md-nvt.xml", "nve.xml", "pimd.xml", "pimd-contracted.xml", "remd.xml", "pimd-remd.xml", "hremd.xml")
 
 
 def run_dir(tmp_path, small_box, small_model_file) -> Path:
@@ -134,6 +134,7 @@ def test_templates_load_in_ipi(tmp_path, small_box, small_model_file):
     assert " 1 1 ['mm', 'qmmm']" in lines["md-nvt.xml"] and " 1 16 " in lines["pimd.xml"], r.stdout
     assert " 4 1 " in lines["remd.xml"] and " 4 16 " in lines["pimd-remd.xml"], r.stdout
     assert " 4 1 ['mm', 'qmmm', 'qmmm_025', 'qmmm_050', 'qmmm_075']" in lines["hremd.xml"], r.stdout
+    assert " 1 16 ['mm_bonded', 'mm_nonbonded', 'qmmm']" in lines["pimd-contracted.xml"], r.stdout
 
 
 # --------------------------------------------------------------------------- runs
@@ -169,6 +170,24 @@ def test_pimd_runs_and_restarts(procs, tmp_path, small_box, small_model_file):
     assert not backups  # properties and trajectories were appended to, not backed up and restarted
     t = read_ipi_properties(out)["time"]
     assert np.allclose(np.diff(t), t[1] - t[0])  # the time runs on without a jump
+
+
+def test_contracted_pimd_evaluates_the_nonbonded_terms_on_fewer_beads(procs, tmp_path, small_box, small_model_file):
+    """pimd-contracted.xml with 4 beads and the MM nonbonded terms on 2: the bonded worker serves every bead,
+    the nonbonded one half of them; the three potential components are there."""
+    from conftest import served_counts
+
+    run_dir(tmp_path, small_box, small_model_file)
+    xml, sockets = derive("pimd-contracted.xml", procs, steps=3, nbeads=4)
+    xml = xml.replace('nbeads="4" forcefield="mm_nonbonded"', 'nbeads="2" forcefield="mm_nonbonded"') \
+             .replace('forcefield="mm_nonbonded" nbeads="4"', 'forcefield="mm_nonbonded" nbeads="2"')
+    assert 'nbeads="2"' in xml
+    ipi, workers = run(procs, xml, sockets)
+    served = {name: served_counts(procs.log(w))[0][0] for name, w in zip(sockets, workers)}
+    assert served == {"qmmm": 16, "mm_bonded": 16, "mm_nonbonded": 8}, served
+    props = read_ipi_properties(tmp_path / "simulation.out")
+    assert all(np.all(np.isfinite(props[f"pot_component_raw({k})"])) for k in range(3))
+    assert np.all(props["pot_component_raw(2)"] < 0)  # cohesive nonbonded energy of the water box
 
 
 def test_remd_attempts_exchanges(procs, tmp_path, small_box, small_model_file):

@@ -345,6 +345,28 @@ def test_nve_conserves_energy(procs, tmp_path, tiny_model_file):
     assert fluct < 2e-6  # Ha/atom
 
 
+def test_a_worker_killed_by_hand_does_not_stall_ipi(procs, tmp_path, tiny_model_file):
+    """The shipped templates set <consolidate_messages>false: kill -9 of a worker started by hand leaves i-PI
+    waiting for another, which finishes the run (i-PI hands it the interrupted request again)."""
+    frame = write_frame(water_cluster(), tmp_path / "cluster.extxyz", box=CLUSTER_BOX)
+    name = procs.socket_name()
+    xml = ipi_input(name, frame.name, steps=40, dt_fs=0.25, nbeads=2, trajectories=False)
+    xml = xml.replace(f"<address>{name}</address>", f"<address>{name}</address> "
+                                                    "<consolidate_messages> false </consolidate_messages>")
+    args = ["--model", tiny_model_file, "--system", frame, "--unix", name]
+    ipi, workers = start_workers_then_ipi(procs, args, xml)
+    props = tmp_path / "sim.out"
+    procs.wait_for(lambda: props.exists() and sum(1 for line in props.read_text().splitlines()
+                                                  if line.strip() and not line.startswith("#")) >= 5,
+                   "5 steps", timeout=90, procs=[ipi])
+    procs.kill(workers[0])
+    second = procs.start_worker(args, log="second.log")
+    assert procs.finish(ipi, 120) == 0, procs.log(ipi)[-3000:]
+    assert procs.finish(second, 60) == 0
+    steps = [int(s) for s in read_ipi_properties(props)["step"]]
+    assert steps == list(range(41))
+
+
 @pytest.mark.parametrize("launch", ["two processes", "mpiexec -n 2"])
 def test_two_workers_serve_pimd(procs, tmp_path, tiny_model_file, launch):
     """Two workers serve one i-PI running 4-bead PIMD; both get requests."""

@@ -133,6 +133,22 @@ def test_scheduler_signals_stop_softly(tmp_path, example, sig):
     assert (run_dir / "RESTART").exists() and leftovers(run_dir) == []
 
 
+def test_a_killed_launcher_leaves_no_orphans(tmp_path, example):
+    """kill -9 of the launcher itself: its children get SIGTERM (i-PI writes RESTART), nothing keeps running,
+    no socket file stays, and --restart continues."""
+    run_dir = tmp_path / "run"
+    proc = start([short_input(tmp_path, "md-nvt.xml", 100000), "--example", example, "--run-dir", run_dir,
+                  "--no-progress"])
+    wait_for_steps(run_dir, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    deadline = time.time() + 60
+    while time.time() < deadline and leftovers(run_dir):
+        time.sleep(0.5)
+    assert leftovers(run_dir) == []
+    assert (run_dir / "RESTART").exists()
+
+
 def test_killed_worker_stops_the_run_cleanly(tmp_path, example):
     run_dir = tmp_path / "run"
     proc = start([short_input(tmp_path, "md-nvt.xml", 100000), "--example", example, "--run-dir", run_dir,

@@ -313,6 +313,34 @@ def test_periodic_equals_mm_only_plus_qm_mm_lj(boxes, name):
     assert abs(r2.energy[0] - res.energy[0]) < 1e-10 and np.abs(r2.forces - res.forces).max() < 1e-10
 
 
+def test_wrapped_atoms_and_term_groups(small_box):
+    """pbc='true' in i-PI wraps atoms one by one: the worker makes molecules whole (same energy and forces as
+    unwrapped positions); 'terms' bonded + nonbonded add up to all, and a bad value is refused."""
+    from qmmm_driver.evaluator import check_parameters
+    from qmmm_driver.errors import InputError
+
+    ev, *_ = mm_worker.build(worker_args("--pdb", small_box["pdb"], "--system", small_box["extxyz"],
+                                         "--device", "reference", *SMALL_MM_ARGS), Placement())
+    assert ev.whole is not None
+    setup = small_box["setup"]
+    cell = setup.box_nm() / BOHR_NM
+    pos = setup.positions / BOHR_NM + np.random.default_rng(4).normal(scale=0.05, size=setup.positions.shape)
+    frac = pos @ np.linalg.inv(cell)
+    wrapped = (frac - np.floor(frac)) @ cell  # every atom in the cell: molecules split across it
+    shifted = pos + np.random.default_rng(5).integers(-2, 3, size=(len(pos), 3)) @ cell  # atoms moved by lattice vectors
+    ref = ev.compute(pos[None], cell[None])
+    for other in (wrapped, shifted):
+        res = ev.compute(other[None], cell[None])
+        assert abs(res.energy[0] - ref.energy[0]) < 1e-9 * abs(ref.energy[0])
+        assert np.abs(res.forces - ref.forces).max() < 1e-8 * np.abs(ref.forces).max()
+    parts = [ev.compute(pos[None], cell[None], {"terms": t}) for t in ("bonded", "nonbonded")]
+    assert abs(parts[0].energy[0] + parts[1].energy[0] - ref.energy[0]) < 1e-9 * abs(ref.energy[0])
+    assert np.abs(parts[0].forces + parts[1].forces - ref.forces).max() < 1e-8 * np.abs(ref.forces).max()
+    assert abs(parts[0].energy[0]) > 1e-4 and abs(parts[1].energy[0]) > 1e-4
+    with pytest.raises(InputError, match="terms must be one of all, bonded, nonbonded"):
+        check_parameters(ev, {"terms": "reciprocal"}, "INIT")
+
+
 def test_reduced_box_keeps_the_lattice():
     """Triclinic cells from i-PI are handed to OpenMM in its reduced form, describing the same lattice."""
     rows = np.array([[20.0, 0, 0], [14.0, 18.0, 0], [-13.0, 11.0, 19.0]])
@@ -326,8 +354,10 @@ def test_reduced_box_keeps_the_lattice():
 # --------------------------------------------------------------------------- i-PI: model + MM
 
 
-def test_ipi_potential_is_model_plus_mm(procs, tmp_path, small_box, small_model_file):
-    """Real i-PI with two ffsockets: potential = model + MM (each computed independently), forces too."""
+@pytest.mark.parametrize("pbc", ["false", "true"])
+def test_ipi_potential_is_model_plus_mm(procs, tmp_path, small_box, small_model_file, pbc):
+    """Real i-PI with two ffsockets: potential = model + MM (each computed independently), forces too; with
+    pbc='true' i-PI wraps every atom into the cell before sending it, and nothing changes."""
     import torch
 
     from qmmm_driver.evaluator import ModelEvaluator
@@ -338,10 +368,10 @@ def test_ipi_potential_is_model_plus_mm(procs, tmp_path, small_box, small_model_
     model_sock, mm_sock = procs.socket_name(), procs.socket_name()
     xml = ipi_input(
         model_sock, str(extxyz), steps=3, dt_fs=0.5,
-        extra_forcefields=f"<ffsocket name='mm' mode='unix' pbc='false'><address>{mm_sock}</address></ffsocket>",
+        extra_forcefields=f"<ffsocket name='mm' mode='unix' pbc='{pbc}'><address>{mm_sock}</address></ffsocket>",
         extra_forces="<force forcefield='mm'/>",
         properties="step, potential{atomic_unit}, pot_component_raw(0){atomic_unit}, "
-                   "pot_component_raw(1){atomic_unit}")
+                   "pot_component_raw(1){atomic_unit}", pbc=pbc)
     model = procs.start_worker(["--model", small_model_file, "--system", extxyz, "--unix", model_sock,
                                 "--dtype", "float64"], log="model.log")
     mm = start_mm_worker(procs, ["--pdb", pdb, "--system", extxyz, "--unix", mm_sock, "--device", "reference",
@@ -476,7 +506,7 @@ def test_error_coupling_sent_to_mm_worker(small_box):
         a.sendall(INIT + np.int32(0).tobytes() + np.int32(len(text)).tobytes() + text)
         t.join(10)
     assert isinstance(out.get("error"), InitError), out
-    assert "unknown parameter(s) ['coupling']" in str(out["error"]) and "understands: none" in str(out["error"])
+    assert "unknown parameter(s) ['coupling']" in str(out["error"]) and "understands: terms (" in str(out["error"])
 
 
 def _serve(client, out):

@@ -193,7 +193,8 @@ def test_training_path_equals_the_driver(model64):
         frames.append(QMMMStructure.from_atoms(atoms))
     radius = 3.0 * ANGSTROM_TO_BOHR  # MM forces scored within; the near set reaches the short-range cutoff
     sets = prepare(frames, model64.elements, model64.K, near_radius=model64.settings.short_range_cutoff + 0.5,
-                   loss_radius=radius)
+                   loss_radius=radius, short_radius=model64.settings.short_range_cutoff)
+    assert 0 < sets[0].n_short < sets[0].near_pos.shape[1]
     assert len(sets) == 1 and bool(sets[0].near_scored.any()) and bool((sets[0].near_charge == 0).any())
     batch = next(batches(sets, rows_in(sets, [0, 1, 2]), 8))
     pred = predict(model64, batch, create_graph=False)
@@ -206,7 +207,11 @@ def test_training_path_equals_the_driver(model64):
         near = mm[np.linalg.norm(s.positions[mm][:, None] - s.positions[s.qm_indices][None], axis=-1).min(1) < radius]
         scored = batch.near_scored[k]
         assert int(scored.sum()) == len(near)
-        assert np.allclose(pred["near_forces"][k][scored].numpy(), res.forces[0][near], atol=1e-9)
+        # the near atoms are stored nearest first: match them to the frame's atoms by position
+        where = batch.near_pos[k][scored].detach().numpy() + s.positions[s.qm_indices[0]]
+        atom = [int(np.argmin(np.linalg.norm(s.positions - p, axis=1))) for p in where]
+        assert sorted(atom) == sorted(near.tolist())
+        assert np.allclose(pred["near_forces"][k][scored].numpy(), res.forces[0][atom], atol=1e-9)
 
 
 def test_periodic_virial_equals_strain_derivative():

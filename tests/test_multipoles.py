@@ -3,7 +3,6 @@ the linearised tensors of the training path."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from e3nn import o3

@@ -4,13 +4,14 @@ The reaction coordinate is xi = d(C-Cl1) - d(C-Cl2) (A): about -1.4 at the
 reactant ion-dipole complex, 0 at the transition state, +1.4 at the product.
 
 1. Starting structures: for every window the solute is restrained (OpenMM, the
-   sampler of `qmmm-driver sample sn2`) to the reference path at xi0 while the
+   sampler of `examples/sn2/sample.py`) to the reference path at xi0 while the
    water equilibrates around it.
 2. One i-PI run holds all windows as independent systems, each with the ML/MM
    potential (model worker + OpenMM worker, shared) and its own umbrella bias
-   k/2 (xi - xi0)^2 (`qmmm_driver/umbrella.py`, an i-PI `<ffdirect>` bias); the
-   model evaluates all windows' structures in one batch per step.
-3. WHAM turns the biased xi histograms into F(xi); the barrier is read off it.
+   k/2 (xi - xi0)^2 (`qmmm_driver/ipi/umbrella.py`, an i-PI `<ffdirect>` bias);
+   the model evaluates all windows' structures in one batch per step.
+3. MBAR (pymbar) turns the biased samples, decorrelated window by window, into
+   F(xi) with statistical error bars; the barrier is read off it.
 
     python examples/sn2/free_energy.py                 # prepare, run, analyse (about an hour on 2 cores)
     python examples/sn2/free_energy.py --analyse-only  # re-plot from the run directory
@@ -27,9 +28,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from ipi.scripting import read_output
+
+from qmmm_driver.launcher import MODELS
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+import solute as sn2  # noqa: E402
+
 KT_300 = 8.617333262e-5 * 300.0  # eV
 
 
@@ -37,18 +44,20 @@ def window_starts(xis: np.ndarray, out: Path, equilibrate_ps: float, seed: int) 
     """Equilibrated start of every window (solute restrained to the reference path, OpenMM)."""
     from openmm import app, unit
 
-    from qmmm_driver.mm_systems import SN2_XML, WATER_XML, MMSetup
-    from qmmm_driver.sampling import Sampler
+    from qmmm_driver.mm.sampling import Sampler
+    from qmmm_driver.mm.systems import WATER_XML, MMSetup
 
-    pdb = app.PDBFile(str(HERE / "system.pdb"))
+    pdb = app.PDBFile(str(MODELS / "sn2" / "system.pdb"))
     setup = MMSetup(name="sn2", topology=pdb.topology,
                     positions=np.array(pdb.getPositions(asNumpy=True).value_in_unit(unit.nanometer)),
-                    forcefield_files=[WATER_XML, SN2_XML], qm_indices=np.arange(6), qm_charge=-1)
+                    forcefield_files=[WATER_XML, sn2.SOLUTE_XML], qm_indices=np.arange(6), qm_charge=-1)
     sampler = Sampler(setup, 300.0, 1.0, seed, 10.0, 12.0, threads=1)
+    sampler.hold_qm(sn2.geometry(float(xis[0])))
     sampler.minimize()
     starts = []
     for k, xi0 in enumerate(xis):  # in order of xi, so that each window starts from its neighbour
-        sampler.set_window(float(xi0))
+        sampler.hold_qm(sn2.geometry(float(xi0)))
+        sampler.set_qm_charges(sn2.charges(float(xi0)))
         sampler.run(equilibrate_ps)
         starts.append(sampler.write_system(out / f"w{k:02d}")["extxyz"].resolve())
         print(f"window {k:2d}: xi0 = {xi0:+.2f} A equilibrated", flush=True)
@@ -56,7 +65,7 @@ def window_starts(xis: np.ndarray, out: Path, equilibrate_ps: float, seed: int) 
 
 
 def ipi_input(xis, starts, k_eV: float, k_wall: float, steps: int, stride: int) -> str:
-    umbrella = REPO / "qmmm_driver" / "umbrella.py"
+    umbrella = REPO / "qmmm_driver" / "ipi" / "umbrella.py"
     props = ("step, time{picosecond}, temperature{kelvin}, potential{electronvolt}, ensemble_bias{electronvolt}, "
              "atom_x{angstrom}(atom=0), atom_x{angstrom}(atom=4), atom_x{angstrom}(atom=5)")
     ffs, systems = [], []
@@ -104,40 +113,40 @@ def ipi_input(xis, starts, k_eV: float, k_wall: float, steps: int, stride: int) 
 
 
 def xi_samples(run_dir: Path, n_windows: int, discard: float) -> list[np.ndarray]:
+    """xi (A) of every window's recorded steps, after discarding the first fraction ``discard``."""
     out = []
     for k in range(n_windows):
-        data = np.loadtxt(run_dir / f"w{k:02d}_simulation.out", ndmin=2)
-        data = data[int(len(data) * discard):]
-        c, cl1, cl2 = data[:, 5:8], data[:, 8:11], data[:, 11:14]
-        out.append(np.linalg.norm(cl1 - c, axis=1) - np.linalg.norm(cl2 - c, axis=1))
+        values, _ = read_output(str(run_dir / f"w{k:02d}_simulation.out"))
+        c, cl1, cl2 = (np.atleast_2d(values[f"atom_x(atom={a})"]) for a in (0, 4, 5))
+        xi = np.linalg.norm(cl1 - c, axis=1) - np.linalg.norm(cl2 - c, axis=1)
+        out.append(xi[int(len(xi) * discard):])
     return out
 
 
 def steps_done(run_dir: Path) -> int:
     """The last MD step written (a run continued with `launch --restart` appends to the same files)."""
-    return int(np.loadtxt(run_dir / "w00_simulation.out", ndmin=2)[-1, 0])
+    return int(np.atleast_1d(read_output(str(run_dir / "w00_simulation.out"))[0]["step"])[-1])
 
 
-def wham(samples: list[np.ndarray], centres: np.ndarray, k_eV: float, kT: float, bins: np.ndarray,
-         tol: float = 1e-10, max_iter: int = 100000) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted histogram analysis: F(xi) (eV, minimum 0) on the bin centres."""
+def free_energy(samples: list[np.ndarray], centres: np.ndarray, k_eV: float, kT: float, bins: np.ndarray):
+    """F(xi) (eV, minimum 0) and its statistical uncertainty on the bin centres, by MBAR (pymbar).
+
+    Each window's series is reduced to uncorrelated samples first (pymbar's statistical inefficiency), so
+    that the error bars count independent samples only.
+    """
+    import pymbar
+    from pymbar import timeseries
+
+    kept = [s[timeseries.subsample_correlated_data(s)] for s in samples]
+    x_n = np.concatenate(kept)
+    n_k = np.array([len(s) for s in kept])
+    u_kn = 0.5 * k_eV * (x_n[None, :] - centres[:, None]) ** 2 / kT   # reduced bias of every sample in every window
+    fes = pymbar.FES(u_kn, n_k)
+    fes.generate_fes(np.zeros_like(x_n), x_n, fes_type="histogram", histogram_parameters={"bin_edges": bins})
     mid = 0.5 * (bins[1:] + bins[:-1])
-    counts = np.array([np.histogram(s, bins)[0] for s in samples], dtype=float)  # [windows, bins]
-    n = counts.sum(axis=1)
-    bias = 0.5 * k_eV * (mid[None, :] - centres[:, None]) ** 2 / kT       # [windows, bins]
-    f = np.zeros(len(samples))
-    total = counts.sum(axis=0)
-    for _ in range(max_iter):
-        p = total / (n[:, None] * np.exp(f[:, None] - bias)).sum(axis=0)
-        f_new = -np.log((p[None, :] * np.exp(-bias)).sum(axis=1))
-        f_new -= f_new[0]
-        if np.abs(f_new - f).max() < tol:
-            f = f_new
-            break
-        f = f_new
-    with np.errstate(divide="ignore"):
-        free = -kT * np.log(p)
-    return mid, free - free[np.isfinite(free)].min()
+    occupied = np.histogram(x_n, bins)[0] > 0
+    result = fes.get_fes(mid[occupied], reference_point="from-lowest", uncertainty_method="analytical")
+    return mid[occupied], result["f_i"] * kT, result["df_i"] * kT, n_k
 
 
 def main() -> None:
@@ -160,31 +169,35 @@ def main() -> None:
         starts = window_starts(xis, args.runs / "starts", args.equilibrate, seed=5)
         xml = args.runs / "umbrella.xml"
         xml.write_text(ipi_input(xis, starts, args.k, args.k_wall, args.steps, stride=2))
-        cmd = [sys.executable, "-m", "qmmm_driver.cli", "launch", str(xml), "--example", str(HERE),
+        cmd = [sys.executable, "-m", "qmmm_driver.cli", "launch", str(xml), "--example", "sn2",
                "--run-dir", str(run_dir), "--workers", str(args.workers)]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
 
     samples = xi_samples(run_dir, len(xis), args.discard)
-    bins = np.linspace(xis[0] - 0.4, xis[-1] + 0.4, 121)
-    mid, free = wham(samples, xis, args.k, KT_300, bins)
-    ok = np.isfinite(free)
-    reactant, product = ok & (mid < -0.5), ok & (mid > 0.5)
-    ts = ok & (np.abs(mid) < 0.5)
-    top = float(free[ts].max())
+    bins = np.linspace(xis[0] - 0.4, xis[-1] + 0.4, 81)
+    mid, free, err, independent = free_energy(samples, xis, args.k, KT_300, bins)
+    kcal = 23.0605  # kcal/mol per eV
+    reactant, product, ts = mid < -0.5, mid > 0.5, np.abs(mid) < 0.5
+    top = int(np.flatnonzero(ts)[np.argmax(free[ts])])
+    low_r = int(np.flatnonzero(reactant)[np.argmin(free[reactant])])
+    low_p = int(np.flatnonzero(product)[np.argmin(free[product])])
     # the reaction is symmetric: the two sides measure the same barrier, their difference the convergence
-    barriers = (top - float(free[reactant].min()), top - float(free[product].min()))
+    barriers = (free[top] - free[low_r], free[top] - free[low_p])
+    errors = (np.hypot(err[top], err[low_r]), np.hypot(err[top], err[low_p]))
     summary = {
         "windows": len(xis), "k_eV_per_A2": args.k, "k_wall_eV_per_A2": args.k_wall,
         "ps_per_window": steps_done(run_dir) * 0.5e-3,
         "samples_per_window": [int(len(s)) for s in samples],
-        "reactant_xi_A": float(mid[reactant][np.argmin(free[reactant])]),
-        "transition_state_xi_A": float(mid[ts][np.argmax(free[ts])]),
-        "product_xi_A": float(mid[product][np.argmin(free[product])]),
-        "barrier_from_reactant_kcal_per_mol": barriers[0] * 23.0605,
-        "barrier_from_product_kcal_per_mol": barriers[1] * 23.0605,
-        "barrier_mean_kcal_per_mol": 0.5 * sum(barriers) * 23.0605,
-        "product_minus_reactant_kcal_per_mol": (barriers[0] - barriers[1]) * 23.0605,
+        "independent_samples_per_window": independent.tolist(),
+        "reactant_xi_A": float(mid[low_r]), "transition_state_xi_A": float(mid[top]), "product_xi_A": float(mid[low_p]),
+        "barrier_from_reactant_kcal_per_mol": float(barriers[0] * kcal),
+        "barrier_from_reactant_error_kcal_per_mol": float(errors[0] * kcal),
+        "barrier_from_product_kcal_per_mol": float(barriers[1] * kcal),
+        "barrier_from_product_error_kcal_per_mol": float(errors[1] * kcal),
+        "barrier_mean_kcal_per_mol": float(0.5 * sum(barriers) * kcal),
+        "product_minus_reactant_kcal_per_mol": float((barriers[0] - barriers[1]) * kcal),
+        "method": "MBAR (pymbar), histogram FES, analytical uncertainties on decorrelated samples",
     }
 
     import matplotlib
@@ -193,11 +206,13 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    ax1.plot(mid[ok], free[ok] * 23.0605, color="C3")
+    ax1.fill_between(mid, (free - err) * kcal, (free + err) * kcal, color="C3", alpha=0.3, lw=0)
+    ax1.plot(mid, free * kcal, color="C3")
     ax1.set_ylabel("free energy (kcal/mol)")
-    ax1.set_title(f"Cl$^-$ + CH$_3$Cl in water (ML/MM, 300 K): barrier "
-                  f"{summary['barrier_from_reactant_kcal_per_mol']:.1f} / "
-                  f"{summary['barrier_from_product_kcal_per_mol']:.1f} kcal/mol (from each side)", fontsize=10)
+    ax1.set_title(f"Cl$^-$ + CH$_3$Cl in water (ML/MM, 300 K, MBAR): barrier "
+                  f"{summary['barrier_from_reactant_kcal_per_mol']:.1f} ± {summary['barrier_from_reactant_error_kcal_per_mol']:.1f}"
+                  f" / {summary['barrier_from_product_kcal_per_mol']:.1f} ± "
+                  f"{summary['barrier_from_product_error_kcal_per_mol']:.1f} kcal/mol", fontsize=9)
     ax1.grid(alpha=0.3)
     for s in samples:
         ax2.hist(s, bins=bins, histtype="step")

@@ -1,6 +1,6 @@
 """Energy conservation of the full QM/MM system (model + OpenMM) in NVE with the shipped water model.
 
-Runs `inputs/nve.xml` (0.25 fs, 300 K start) through `qmmm-driver launch`, fits
+Runs the `nve` template (0.25 fs, 300 K start) through `qmmm-driver launch`, fits
 a line to i-PI's conserved quantity and reports the drift per atom per ps and
 the fluctuation around the line.
 
@@ -14,22 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+from ipi.scripting import read_output
+
+from qmmm_driver.launcher import MODELS, TEMPLATES
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-
-
-def read_properties(path: Path) -> dict:
-    names = [m.group(1) for m in re.finditer(r"#\s*column\s+\d+\s+-->\s+(\w+)", path.read_text())]
-    data = np.loadtxt(path, ndmin=2)
-    return {n: data[:, i] for i, n in enumerate(names)}
 
 
 def main() -> None:
@@ -40,18 +36,18 @@ def main() -> None:
     args = p.parse_args()
     run_dir = args.runs / "ipi"
     if not args.analyse_only:
-        root = ET.parse(REPO / "inputs" / "nve.xml").getroot()
+        root = ET.parse(TEMPLATES / "nve.xml").getroot()
         root.find("total_steps").text = f" {args.steps} "
         args.runs.mkdir(parents=True, exist_ok=True)
         ET.ElementTree(root).write(args.runs / "nve.xml")
-        cmd = [sys.executable, "-m", "qmmm_driver.cli", "launch", str(args.runs / "nve.xml"), "--example", str(HERE),
+        cmd = [sys.executable, "-m", "qmmm_driver.cli", "launch", str(args.runs / "nve.xml"), "--example", "water",
                "--run-dir", str(run_dir)]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-    props = read_properties(run_dir / "simulation.out")
+    props, _ = read_output(str(run_dir / "simulation.out"))
     import ase.io
 
-    n_atoms = len(ase.io.read(HERE / "system.extxyz"))
+    n_atoms = len(ase.io.read(MODELS / "water" / "system.extxyz"))
     t = props["time"]           # ps
     e = props["conserved"]      # eV
     slope, intercept = np.polyfit(t, e, 1)

@@ -101,7 +101,7 @@ def build(args, placement):
     removed = mmf.remove_qm_terms(mm, topology, system.qm_indices)
 
     platform, properties = mmf.select_platform(args.device, placement.local_rank, args.threads)
-    ev = mmf.OpenMMEvaluator(mm, system, platform, properties, periodic)
+    ev = mmf.OpenMMEvaluator(mm, system, platform, properties, periodic, topology)
     threads = f", {properties['Threads']} thread{'s' if properties['Threads'] != '1' else ''}" \
         if "Threads" in properties else ""
     nb = (f"PME, cutoff {ev.cutoff_nm * 10:g} A" if periodic and ev.cutoff_nm else "no cutoff (cluster)")

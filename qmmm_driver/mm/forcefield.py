@@ -288,13 +288,70 @@ def force_field_charges(system) -> np.ndarray:
     return charges
 
 
-def use_periodic_images(system) -> None:
-    """Bonded terms and nonbonded exceptions of a periodic System by minimum image.
+class WholeMolecules:
+    """Makes every molecule whole again after i-PI wrapped its atoms into the cell one by one (``pbc='true'``).
 
-    i-PI with ``pbc='true'`` wraps atoms into the cell one by one, which splits
-    molecules across it; with minimum-image bonded terms and exceptions, a split
-    molecule has the energy and forces of the whole one.
+    Molecules are the connected components of the topology's bonds; each atom is
+    moved to the periodic image nearest the atom it hangs from in a breadth-first
+    tree of its molecule, level by level (a few vectorised steps: two for water).
+    Bonded terms and nonbonded exceptions then see whole molecules, as OpenMM
+    assumes. ``complete`` is False when some bonded term of the System links atoms
+    the topology does not connect; the caller then makes OpenMM use minimum images
+    instead (:func:`use_periodic_images`, about 15% slower).
     """
+
+    def __init__(self, topology, system):
+        from collections import deque
+
+        n = topology.getNumAtoms()
+        neighbours = [[] for _ in range(n)]
+        for bond in topology.bonds():
+            a, b = bond[0].index, bond[1].index
+            neighbours[a].append(b)
+            neighbours[b].append(a)
+        parent, depth, component = np.full(n, -1), np.zeros(n, dtype=int), np.full(n, -1)
+        for root in range(n):
+            if component[root] >= 0:
+                continue
+            component[root] = root
+            queue = deque([root])
+            while queue:
+                a = queue.popleft()
+                for b in neighbours[a]:
+                    if component[b] < 0:
+                        component[b], parent[b], depth[b] = root, a, depth[a] + 1
+                        queue.append(b)
+        self.levels = [(np.flatnonzero(depth == d), parent[depth == d]) for d in range(1, depth.max() + 1)]
+        self.complete = all(len(set(component[atoms])) == 1 for atoms in _bonded_atom_sets(system))
+
+    def apply(self, positions: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """``positions`` [N, 3] with every molecule whole, in the cell given by lattice ``rows`` (same unit)."""
+        pos = np.array(positions, dtype=np.float64)
+        inv = np.linalg.inv(rows)
+        for child, parent in self.levels:
+            d = pos[child] - pos[parent]
+            pos[child] -= np.round(d @ inv) @ rows
+        return pos
+
+
+def _bonded_atom_sets(system):
+    """The atoms of every bonded term and nonbonded exception of ``system``."""
+    import openmm
+
+    table = _bonded_table()
+    for force in system.getForces():
+        kind = type(force)
+        if kind in table:
+            nat, count, getter, _ = table[kind]
+            for i in range(getattr(force, count)()):
+                yield _term_atoms(kind, nat, getattr(force, getter)(i))
+        elif isinstance(force, openmm.NonbondedForce):
+            for k in range(force.getNumExceptions()):
+                yield list(force.getExceptionParameters(k)[:2])
+
+
+def use_periodic_images(system) -> None:
+    """Bonded terms and nonbonded exceptions of a periodic System by minimum image (see :class:`WholeMolecules`)."""
     import openmm
 
     for force in system.getForces():
@@ -302,6 +359,18 @@ def use_periodic_images(system) -> None:
             force.setExceptionsUsePeriodicBoundaryConditions(True)
         elif hasattr(force, "setUsesPeriodicBoundaryConditions"):
             force.setUsesPeriodicBoundaryConditions(True)
+
+
+#: The MM terms a socket may ask for (``<parameters>{terms: ...}</parameters>``) -> OpenMM force groups.
+TERMS = {"all": {0, 1}, "bonded": {0}, "nonbonded": {1}}
+
+
+def mm_terms(value) -> str:
+    """``terms`` parameter: all, bonded or nonbonded."""
+    value = str(value).strip()
+    if value not in TERMS:
+        raise ValueError(f"terms must be one of {', '.join(TERMS)}")
+    return value
 
 
 # --------------------------------------------------------------------------- platform
@@ -363,14 +432,21 @@ class OpenMMEvaluator:
     """Evaluates an OpenMM System for :class:`~qmmm_driver.ipi.client.IPIClient` (Bohr and Hartree).
 
     Follows :class:`~qmmm_driver.evaluator.Evaluator`. ``periodic``: the cell
-    of every request sets OpenMM's box vectors. It takes no parameters: the MM
-    energy has no QM-MM electrostatics for a coupling to scale.
+    of every request sets OpenMM's box vectors, and molecules that i-PI wrapped
+    into the cell atom by atom are made whole first. One parameter, ``terms``,
+    selects what a forcefield gives: ``all`` (default), ``bonded`` (bonds,
+    angles, torsions: fast, intramolecular) or ``nonbonded`` (Lennard-Jones and
+    electrostatics: intermolecular, slowly varying), so that a PIMD input can
+    evaluate the nonbonded part on a contracted ring polymer
+    (``<force forcefield='mm_nonbonded' nbeads='4'/>``) and the bonded part on
+    every bead.
     """
 
-    parameters: dict = {}
+    parameters = {"terms": (mm_terms, "all", "which MM terms: all, bonded (intramolecular) or nonbonded "
+                                           "(intermolecular; worth a contracted ring polymer)")}
 
     def __init__(self, system, structure, platform: str = "CPU", properties: dict | None = None,
-                 periodic: bool = True):
+                 periodic: bool = True, topology=None):
         import openmm
         from openmm import unit
 
@@ -378,11 +454,18 @@ class OpenMMEvaluator:
         self.n_atoms = system.getNumParticles()
         self.periodic = bool(periodic)
         self.cutoff_nm = None
+        self.whole = None
         if self.periodic:
-            use_periodic_images(system)
+            whole = WholeMolecules(topology, system) if topology is not None else None
+            if whole is not None and whole.complete:
+                self.whole = whole
+            else:
+                use_periodic_images(system)
             self.cutoff_nm = max((f.getCutoffDistance().value_in_unit(unit.nanometer) for f in system.getForces()
                                   if hasattr(f, "getCutoffDistance") and f.usesPeriodicBoundaryConditions()),
                                  default=None)
+        for force in system.getForces():  # group 1: nonbonded (direct and reciprocal space), 0: all the rest
+            force.setForceGroup(1 if isinstance(force, openmm.NonbondedForce) else 0)
         self.context = openmm.Context(system, openmm.VerletIntegrator(0.001),
                                       openmm.Platform.getPlatformByName(platform), dict(properties or {}))
         self.platform = self.context.getPlatform().getName()
@@ -403,16 +486,23 @@ class OpenMMEvaluator:
         import openmm
         from openmm.unit import kilojoule_per_mole as KJ_PER_MOL, nanometer as NM
 
+        groups = TERMS[(params or {}).get("terms", "all")]
         pos = np.asarray(positions, dtype=np.float64).reshape(-1, self.n_atoms, 3)
         B = pos.shape[0]
         energy = np.empty(B)
         forces = np.empty((B, self.n_atoms, 3))
         for b in range(B):
+            frame = pos[b]
             if self.periodic and cells is not None:
                 self._set_box(cells[b])
+                if self.whole is not None:
+                    frame = self.whole.apply(frame, np.asarray(cells[b], dtype=np.float64))
+            if not np.isfinite(frame).all():
+                a = int(np.flatnonzero(~np.isfinite(frame).all(axis=1))[0])
+                raise NonFiniteMM(f"position of atom {a} in frame {b} is not finite: the dynamics has blown up")
             try:
-                self.context.setPositions(pos[b] * BOHR_TO_NM)
-                state = self.context.getState(getEnergy=True, getForces=True)
+                self.context.setPositions(frame * BOHR_TO_NM)
+                state = self.context.getState(getEnergy=True, getForces=True, groups=groups)
             except openmm.OpenMMException as err:
                 if "NaN" in str(err) or "nan" in str(err):
                     raise NonFiniteMM(f"OpenMM refused frame {b}: {err}") from err

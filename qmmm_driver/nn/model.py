@@ -83,7 +83,6 @@ class QMMMModel(torch.nn.Module):
         self.register_buffer("energy_shift", torch.zeros(len(s.elements), dtype=torch.float64))
         self.register_buffer("masses", torch.tensor(s.masses, dtype=torch.get_default_dtype()))
         self.register_buffer("env_degrees", degree_index(self.K), persistent=False)
-        self.register_buffer("sh_degrees", degree_index(s.lmax), persistent=False)
 
     def _apply(self, fn, *args, **kwargs):
         # casts (model.float()) must not truncate the float64 reference energies
@@ -107,10 +106,11 @@ class QMMMModel(torch.nn.Module):
         s = self.settings
         vec = near_pos[:, None, :, :] - qm_pos[:, :, None, :]                          # [B, n, m, 3]
         weight = self.short_radial(self.short_basis(vec.norm(dim=-1))) * near_charge[:, None, :, None]
-        weight = weight.unflatten(-1, (s.channels, s.lmax + 1))[..., self.sh_degrees]    # [B, n, m, C, S]
+        weight = weight.unflatten(-1, (s.channels, s.lmax + 1))                         # [B, n, m, C, l]
         sh = self.edge_harmonics(vec)                                                   # [B, n, m, S]
-        out = (weight * sh[:, :, :, None, :]).sum(dim=2) / self.short_neighbors
-        return out.flatten(0, 1)
+        out = torch.cat([torch.einsum("bnmc,bnms->bncs", weight[..., l], sh[..., l * l:(l + 1) ** 2])
+                         for l in range(s.lmax + 1)], dim=-1)                           # sum over m per degree
+        return out.flatten(0, 1) / self.short_neighbors
 
     def forward(self, species: torch.Tensor, qm_pos: torch.Tensor, env: torch.Tensor, total_charge: torch.Tensor,
                 near_pos: torch.Tensor | None = None, near_charge: torch.Tensor | None = None

@@ -35,8 +35,9 @@ class FrameSet:
     species: torch.Tensor        # [F, n]
     qm: torch.Tensor             # [F, n, 3] relative to the first QM atom
     far: torch.Tensor            # [F, n, (K+2)^2] Taylor tensors of the far MM charges, orders 0..K+1
-    near_pos: torch.Tensor       # [F, m, 3]
+    near_pos: torch.Tensor       # [F, m, 3], nearest first
     near_charge: torch.Tensor    # [F, m] (0 for padding)
+    n_short: int                 # the first n_short near atoms hold all within the short-range cutoff
     near_scored: torch.Tensor    # [F, m] bool: MM force within the loss radius
     total_charge: torch.Tensor   # [F]
     energy: torch.Tensor | None          # [F] Hartree
@@ -53,7 +54,9 @@ class FrameSet:
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = None if value is None else value[rows].to(device) if device else value[rows]
+            if isinstance(value, torch.Tensor):
+                value = value[rows].to(device) if device else value[rows]
+            out[f.name] = value
         return FrameSet(**out)
 
 
@@ -65,8 +68,9 @@ def elements_of(structures: list[QMMMStructure]) -> list[str]:
 
 
 def prepare(structures: list[QMMMStructure], elements: list[str], env_order: int, near_radius: float,
-            loss_radius: float) -> list[FrameSet]:
-    """The frames as :class:`FrameSet` s, one per QM atom count; radii in Bohr."""
+            loss_radius: float, short_radius: float = 0.0) -> list[FrameSet]:
+    """The frames as :class:`FrameSet` s, one per QM atom count; radii in Bohr (``short_radius``: the model's
+    short-range cutoff, which the near atoms passed to the model must cover)."""
     index = {e: k for k, e in enumerate(elements)}
     groups: dict[int, list[int]] = {}
     for k, s in enumerate(structures):
@@ -77,11 +81,11 @@ def prepare(structures: list[QMMMStructure], elements: list[str], env_order: int
             if symbol not in index:
                 raise InputError(f"{s.source} has QM element {symbol}, which the model does not know ({elements})")
         groups.setdefault(s.n_qm, []).append(k)
-    return [_stack([structures[k] for k in ks], ks, index, env_order, near_radius, loss_radius)
+    return [_stack([structures[k] for k in ks], ks, index, env_order, near_radius, loss_radius, short_radius)
             for _, ks in sorted(groups.items())]
 
 
-def _stack(frames, rows, index, K, near_radius, loss_radius) -> FrameSet:
+def _stack(frames, rows, index, K, near_radius, loss_radius, short_radius) -> FrameSet:
     per = []
     for s in frames:
         qm, mm = s.qm_indices, s.mm_indices
@@ -92,12 +96,14 @@ def _stack(frames, rows, index, K, near_radius, loss_radius) -> FrameSet:
         d = torch.cdist(qm_pos, mm_pos).amin(dim=0) if len(mm) else torch.zeros(0, dtype=torch.float64)
         near = d < near_radius
         far = taylor_tensors(qm_pos[None], mm_pos[~near][None], charge[~near][None], K + 1)[0]
+        order = torch.nonzero(near).flatten()
+        order = order[torch.argsort(d[order], stable=True)]  # nearest first: the short-range atoms lead
         per.append(dict(
             species=torch.as_tensor([index[x] for x in s.qm_symbols]), qm=qm_pos, far=far,
-            near_pos=mm_pos[near], near_charge=charge[near], near_scored=d[near] < loss_radius,
-            total_charge=float(s.qm_total_charge),
+            near_pos=mm_pos[order], near_charge=charge[order], near_scored=d[order] < loss_radius,
+            n_short=int((d[order] < short_radius).sum()), total_charge=float(s.qm_total_charge),
             energy=s.energy, qm_forces=None if s.forces is None else torch.as_tensor(s.forces[qm]),
-            near_forces=None if s.forces is None else torch.as_tensor(s.forces[mm])[near],
+            near_forces=None if s.forces is None else torch.as_tensor(s.forces[mm])[order],
             qm_charges=None if s.qm_charges is None else torch.as_tensor(s.qm_charges[qm]),
             dipole=None if s.dipole is None else torch.as_tensor(s.dipole)))
     m = max(max(len(p["near_charge"]) for p in per), 1)
@@ -116,6 +122,7 @@ def _stack(frames, rows, index, K, near_radius, loss_radius) -> FrameSet:
     return FrameSet(
         index=torch.as_tensor(rows), species=stacked("species"), qm=stacked("qm"), far=stacked("far"),
         near_pos=near_pos, near_charge=stacked("near_charge", 0.0), near_scored=stacked("near_scored", False),
+        n_short=max(max(p["n_short"] for p in per), 1),
         total_charge=torch.as_tensor([p["total_charge"] for p in per], dtype=torch.float64),
         energy=None if any(p["energy"] is None for p in per) else torch.as_tensor([p["energy"] for p in per]),
         qm_forces=stacked("qm_forces"), near_forces=stacked("near_forces", 0.0),

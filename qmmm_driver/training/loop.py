@@ -71,9 +71,9 @@ class Trainer:
             write_atomically(split_file, json.dumps({"files": cfg.data.files, **self.split}))
         self.settings = cfg.settings(elements_of(self.structures))
         self.loss_radius = cfg.data.mm_force_radius * ANGSTROM_TO_BOHR
-        near_radius = max(self.loss_radius, self.settings.short_range_cutoff if self.settings.short_range else 0.0)
-        self.sets = prepare(self.structures, self.settings.elements, self.settings.env_order, near_radius,
-                            self.loss_radius)
+        short = self.settings.short_range_cutoff if self.settings.short_range else 0.0
+        self.sets = prepare(self.structures, self.settings.elements, self.settings.env_order,
+                            max(self.loss_radius, short), self.loss_radius, short)
         self.rows = {name: rows_in(self.sets, self.split[name]) for name in ("train", "validation", "test")}
 
     def _build(self) -> None:

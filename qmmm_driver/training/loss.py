@@ -21,12 +21,13 @@ def predict(model, batch: FrameSet, create_graph: bool = True) -> dict:
     forces as the driver's evaluation of the whole frame.
     """
     dtype = next(model.parameters()).dtype
-    qm = batch.qm.to(dtype).requires_grad_(True)
-    near = batch.near_pos.to(dtype).requires_grad_(True)
+    qm = batch.qm.detach().to(dtype).requires_grad_(True)
+    near = batch.near_pos.detach().to(dtype).requires_grad_(True)
     near_charge = batch.near_charge.to(dtype)
     env = (linearised_tensors(batch.far.to(dtype), qm - qm.detach(), model.K)
            + taylor_tensors(qm, near, near_charge, model.K))
-    out = model(batch.species, qm, env, batch.total_charge.to(dtype), near, near_charge)
+    m = batch.n_short  # the short-range features need only the nearest atoms (sorted first)
+    out = model(batch.species, qm, env, batch.total_charge.to(dtype), near[:, :m], near_charge[:, :m])
     g_qm, g_near = torch.autograd.grad(out["energy"].sum(), [qm, near], create_graph=create_graph)
     return {"energy": out["energy"], "qm_forces": -g_qm, "near_forces": -g_near,
             "charges": out["charges"], "dipole": out["dipole"]}

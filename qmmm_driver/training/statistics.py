@@ -37,7 +37,7 @@ def fit_statistics(model, sets: list[FrameSet], rows_of: list[torch.Tensor]) -> 
         n_atoms += b.qm.shape[0] * b.qm.shape[1]
         d = torch.cdist(b.qm, b.qm)
         neighbours += float(((d < s.cutoff) & (d > 0)).sum())
-        short += float((torch.cdist(b.qm, b.near_pos) < s.short_range_cutoff).sum())
+        short += float((torch.cdist(b.qm, b.near_pos[:, :b.n_short]) < s.short_range_cutoff).sum())
         counts.append(torch.nn.functional.one_hot(b.species, n_elem).sum(dim=1).double().numpy())
         targets.append((b.energy - (b.total_charge * mean_v if s.gauge_invariant else 0.0)).numpy())
         forces.append(b.qm_forces.reshape(-1).numpy())
