@@ -117,6 +117,14 @@ def near_atoms(qm: torch.Tensor, mm: torch.Tensor, mm_atom: torch.Tensor, radius
     """
     with torch.no_grad():
         close = (torch.cdist(qm, mm).amin(dim=1) < radius) & (mm_atom >= 0)     # [B, M]
+        if close.shape[0] == 1:  # one frame: no padding between frames, a few operations fewer
+            order = torch.nonzero(close[0]).T
+            mask = torch.ones(order.shape, dtype=torch.bool, device=qm.device)
+            if order.shape[1] < 2:
+                pad = 2 - order.shape[1]
+                order = torch.cat([order, order.new_zeros(1, pad)], dim=1)
+                mask = torch.cat([mask, mask.new_zeros(1, pad)], dim=1)
+            return order, mask
         count = close.sum(dim=1)
         width = max(int(count.max()) if close.numel() else 0, 2)
         order = torch.argsort((~close).to(torch.int8), dim=1, stable=True)[:, :width]
@@ -143,6 +151,10 @@ class ModelEvaluator:
                  dtype: torch.dtype = torch.float32, compiled=None):
         self.device = torch.device(device)
         self.dtype = dtype
+        if self.device.type == "cpu":
+            # subnormal floats (sigmoids of large negative arguments, say) are physically zero but make the
+            # CPU's arithmetic on them many times slower: a compiled model ran 2x slower with them
+            torch.set_flush_denormal(True)
         self.model = model.to(self.device, dtype).eval()
         self.structure = structure
         s = model.settings
@@ -152,13 +164,21 @@ class ModelEvaluator:
         self.near_radius = s.short_range_cutoff if s.short_range else 0.0
         self._species = torch.as_tensor(species_of(model, structure), device=self.device)
         self._total = float(structure.qm_total_charge)
+        self._per_batch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # B -> (species, total charges)
+
+    def _batch_constants(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if B not in self._per_batch:
+            self._per_batch[B] = (self._species.expand(B, -1).contiguous(),
+                                  torch.full((B,), self._total, device=self.device, dtype=self.dtype))
+        return self._per_batch[B]
 
     def present(self, positions: np.ndarray, cells: np.ndarray | None) -> Presented:
-        pos = torch.as_tensor(np.asarray(positions, dtype=np.float64), device=self.device)
+        pos = np.asarray(positions, dtype=np.float64)
         if pos.ndim == 2:
             pos = pos[None]
         if pos.shape[1] != self.structure.n_atoms:
             self.structure.check_atoms(pos.shape[1])
+        pos = torch.as_tensor(pos, device=self.device)
         cell_t = None
         if cells is not None and self.structure.periodic:
             cell_t = torch.as_tensor(np.asarray(cells, dtype=np.float64), device=self.device).reshape(-1, 3, 3)
@@ -181,10 +201,11 @@ class ModelEvaluator:
             mm = (p.mm_pos - origin).requires_grad_(p.group is not None)
             charges = p.charges(qm, mm) * coupling
             near, mask = near_atoms(qm, mm, p.mm_atom, self.near_radius)
-            energy, g_qm, g_mm, g_q, qm_charges, dipole = self.potential(
-                self._species.expand(B, -1), qm.detach().to(self.dtype), mm.detach().to(self.dtype),
-                charges.detach().to(self.dtype), near, mask.to(self.dtype),
-                torch.full((B,), self._total, device=self.device, dtype=self.dtype))
+            species, total = self._batch_constants(B)
+            inputs = (species, qm.detach().to(self.dtype), mm.detach().to(self.dtype),
+                      charges.detach().to(self.dtype), near, mask.to(self.dtype), total)
+            # dense memory: a compiled potential reads its inputs as contiguous arrays
+            energy, g_qm, g_mm, g_q, qm_charges, dipole = self.potential(*(t.contiguous() for t in inputs))
             g_qm, g_mm = g_qm.double(), g_mm.double()
             if p.group is not None:  # the switched charges depend on the positions
                 via_qm, via_mm = torch.autograd.grad(charges, [qm, mm], g_q.double())
@@ -198,7 +219,12 @@ class ModelEvaluator:
         B, n = p.n_frames, self.structure.n_atoms
         forces = torch.zeros(B, n + 1, 3, device=self.device, dtype=torch.float64)  # slot n: padding
         forces[:, self.embedding.qm_idx] = -g_qm
-        forces.scatter_add_(1, torch.where(p.mm_atom >= 0, p.mm_atom, n)[..., None].expand(-1, -1, 3), -g_mm)
+        if p.group is None:  # a cluster: every MM atom in its own slot, no padding
+            forces[:, self.embedding.mm_idx] = -g_mm
+            embedded = np.full(B, p.mm_atom.shape[1])
+        else:
+            forces.scatter_add_(1, torch.where(p.mm_atom >= 0, p.mm_atom, n)[..., None].expand(-1, -1, 3), -g_mm)
+            embedded = (p.mm_atom >= 0).sum(dim=1).cpu().numpy()
         virial = -(torch.einsum("bia,bic->bac", g_qm, qm) + torch.einsum("bia,bic->bac", g_mm, mm))
         res = Results(
             energy=energy.double().cpu().numpy(),
@@ -206,7 +232,7 @@ class ModelEvaluator:
             virial=virial.cpu().numpy(),
             qm_charges=qm_charges.double().cpu().numpy(),
             dipole=dipole.double().cpu().numpy(),
-            n_mm_embedded=(p.mm_atom >= 0).sum(dim=1).cpu().numpy(),
+            n_mm_embedded=embedded,
         )
         self._check_finite(res, p)
         return res
