@@ -430,8 +430,8 @@ def test_error_bond_spanning_qm_and_mm(small_box):
     r = run_cli("--pdb", small_box["pdb"], "--forcefield", "amber14/tip3p.xml", "--qm", "0", "--unix", "none",
                 "--connect-timeout", "1")
     assert r.returncode == 2, r.stderr
-    assert "MM atom 1 is in the same molecule as QM atom 0" in r.stderr, r.stderr
-    assert "whole molecules" in r.stderr
+    assert "the bond between QM atom 0 (O) and MM atom 1 (H) crosses the boundary" in r.stderr, r.stderr
+    assert "no link-atom parameters for a cut O-H bond" in r.stderr and "select both atoms as QM or MM" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("qmmm-driver mm: served 0 structures")
 
 

@@ -131,6 +131,15 @@ def solute_from_pdb(pdb: str | Path, forcefield: list[str], charge: int, multipl
     return Solute(path.stem, residues[0].name, atoms, pos, bonds, [str(f) for f in forcefield], charge, multiplicity)
 
 
+def molecules_of(n: int, bonds: list[tuple[int, int]]) -> np.ndarray:
+    """Molecule index of every atom: the connected components of the bonds."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    i, j = (np.array(x, dtype=np.int64) for x in zip(*bonds)) if bonds else (np.zeros(0, int), np.zeros(0, int))
+    return connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)), directed=False)[1].astype(np.int64)
+
+
 @dataclass
 class MMSetup:
     """An OpenMM model of a QM/MM system (positions in nm, as OpenMM keeps them); the QM atoms come first."""
@@ -156,20 +165,24 @@ class MMSetup:
         return np.array([[v[k].value_in_unit(unit.nanometer) for k in range(3)] for v in vecs])
 
     def structure(self, positions_nm: np.ndarray | None = None) -> QMMMStructure:
-        """The periodic system as a :class:`QMMMStructure` (molecules from residues)."""
+        """The periodic system as a :class:`QMMMStructure`: molecules from the bonds, cut bonds as link atoms
+        with the MM charges redistributed (:mod:`qmmm_driver.boundary`)."""
+        from ..boundary import boundary_from_bonds
         from ..units import ANGSTROM_TO_BOHR
 
         pos = self.positions if positions_nm is None else positions_nm
         n = self.topology.getNumAtoms()
         qm = np.zeros(n, dtype=bool)
         qm[self.qm_indices] = True
+        bonds = [(b[0].index, b[1].index) for b in self.topology.bonds()]
+        symbols = [a.element.symbol for a in self.topology.atoms()]
+        links, mm_charge = boundary_from_bonds(symbols, pos * 10.0, qm, bonds,
+                                               force_field_charges(self.create_system()), f"{self.name}: ")
         return QMMMStructure(
             numbers=np.array([a.element.atomic_number for a in self.topology.atoms()]),
-            positions=pos * 10.0 * ANGSTROM_TO_BOHR, qm=qm,
-            mm_charge=np.where(qm, 0.0, force_field_charges(self.create_system())),
+            positions=pos * 10.0 * ANGSTROM_TO_BOHR, qm=qm, mm_charge=mm_charge,
             qm_total_charge=self.qm_charge, qm_multiplicity=self.multiplicity,
-            cell=self.box_nm() * 10.0 * ANGSTROM_TO_BOHR,
-            molecule=np.array([a.residue.index for a in self.topology.atoms()], dtype=np.int64),
+            cell=self.box_nm() * 10.0 * ANGSTROM_TO_BOHR, molecule=molecules_of(n, bonds), qm_link=links,
             source=f"{self.name} (OpenMM setup)")
 
     def write(self, directory: str | Path) -> dict[str, Path]:
