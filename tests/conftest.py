@@ -403,6 +403,15 @@ def sn2_solute():
     return solute.solute()
 
 
+def serine_peptide():
+    """The serine example's capped dipeptide ACE-SER-NME (examples/serine/peptide.py): (modeller, QM indices)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "serine"))
+    import peptide
+
+    modeller = peptide.peptide()
+    return modeller, peptide.qm_indices(modeller.topology), peptide.FORCEFIELD
+
+
 def minimized_setup(box_A: float = SMALL_BOX_A, seed: int = 0, cutoff_nm: float = 0.7, solute=None):
     """A QM solute (default: a water) in a box of water (qmmm_driver.mm.systems) with its solvent overlaps removed
     (OpenMM minimisation).

@@ -168,13 +168,19 @@ class Sampler:
             charges = charges * factor[p.group]
         atoms = torch.cat([self.embedding.qm_idx, p.mm_atom[0][real]]).numpy()
         n_qm = len(self.qm)
+        qm_link = None
+        if len(self.structure.links):  # cut bonds, renumbered into the frame (M1 is always presented)
+            where = {int(a): k for k, a in enumerate(atoms)}
+            qm_link = np.full(len(atoms), -1, dtype=np.int64)
+            for q1, m1 in self.structure.links:
+                qm_link[where[int(m1)]] = where[int(q1)]
         info = dict(info, mm_switch_on=self.r_on_A, mm_switch_off=self.r_off_A, temperature=self.temperature,
                     sampler=f"OpenMM flexible {SOLVENT_LABELS[self.setup.solvent]}, PME, Langevin")
         return QMMMStructure(numbers=self.structure.numbers[atoms],
                              positions=torch.cat([qm_pos[0], p.mm_pos[0][real]]).numpy(),
                              qm=np.arange(len(atoms)) < n_qm,
                              mm_charge=np.concatenate([np.zeros(n_qm), charges[0][real].numpy()]),
-                             qm_total_charge=self.structure.qm_total_charge,
+                             qm_total_charge=self.structure.qm_total_charge, qm_link=qm_link,
                              qm_multiplicity=self.structure.qm_multiplicity, info=info, source="sampler")
 
     def sample(self, out, count: int, interval_ps: float, qm_noise_A: float, charge_noise: float, info: dict,
