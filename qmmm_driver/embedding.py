@@ -204,3 +204,31 @@ class Embedding:
             mm_pos = torch.where((mm_atom >= 0)[..., None], mm_pos, centre + far)
         return Presented(qm_pos=qm, mm_pos=mm_pos, mm_charge=mm_charge, mm_atom=mm_atom, group=group,
                          n_groups=self.n_mol + 1, r_on=self.r_on, r_off=self.r_off, m1_pos=m1)
+
+    def cluster(self, positions: np.ndarray, cell: np.ndarray | None = None, qm_shift: np.ndarray | None = None,
+                group_scale=None, info: dict | None = None) -> QMMMStructure:
+        """One configuration (Bohr) as the cluster frame the model sees: the QM atoms (moved by ``qm_shift``
+        [n_qm, 3], Bohr) first, then the MM atoms the cutoff keeps at their images, with switched charges
+        (times ``group_scale(n_groups)`` [n_groups], one factor per molecule), cut bonds renumbered.
+        Evaluating the cluster gives the energy the driver gives for the configuration."""
+        p = self.present(torch.as_tensor(positions)[None], None if cell is None else torch.as_tensor(cell)[None])
+        qm_pos = p.qm_pos if qm_shift is None else p.qm_pos + torch.as_tensor(qm_shift)[None]
+        real = p.mm_atom[0] >= 0
+        charges = p.charges(qm_pos, p.mm_pos)
+        if group_scale is not None:
+            charges = charges * torch.as_tensor(group_scale(max(p.n_groups, 1)))[p.group if p.group is not None else 0]
+        atoms = torch.cat([self.qm_idx, p.mm_atom[0][real]]).numpy()
+        s = self.structure
+        qm_link = None
+        if len(s.links):  # M1 is always kept: it is bonded to a QM atom
+            where = {int(a): k for k, a in enumerate(atoms)}
+            qm_link = np.full(len(atoms), -1, dtype=np.int64)
+            for q1, m1 in s.links:
+                qm_link[where[int(m1)]] = where[int(q1)]
+        n_qm = len(self.qm_idx)
+        info = dict(info or {}, mm_switch_on=self.r_on / ANGSTROM_TO_BOHR, mm_switch_off=self.r_off / ANGSTROM_TO_BOHR)
+        return QMMMStructure(numbers=s.numbers[atoms], positions=torch.cat([qm_pos[0], p.mm_pos[0][real]]).numpy(),
+                             qm=np.arange(len(atoms)) < n_qm,
+                             mm_charge=np.concatenate([np.zeros(n_qm), charges[0][real].detach().numpy()]),
+                             qm_total_charge=s.qm_total_charge, qm_multiplicity=s.qm_multiplicity, qm_link=qm_link,
+                             info=info, source=f"{s.source} (presented)")

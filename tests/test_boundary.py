@@ -148,3 +148,30 @@ def test_reference_forces_are_minus_gradient_across_the_boundary(labelled_ethano
     assert lab.forces[atom, comp] == pytest.approx(fd, abs=3e-5, rel=1e-3)
     assert abs(fd) > 1e-3
     assert lab.qm_charges[~frame.qm].sum() == 0.0 and lab.qm_charges[frame.qm].sum() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ipi_never_sees_link_atoms(procs, tmp_path, model):
+    """A real i-PI run of the cut ethanol: i-PI moves the frame's atoms only (no link hydrogen), and the forces
+    and potential it records equal the evaluator's, link-atom chain rule included."""
+    from qmmm_driver.nn.io import save_model
+
+    from conftest import CLUSTER_BOX, finish_run, ipi_input, read_ipi_bin, read_ipi_properties, \
+        start_workers_then_ipi, write_frame
+
+    atoms = ethanol_cluster()
+    frame = write_frame(atoms, tmp_path / "ethanol.extxyz", box=CLUSTER_BOX)
+    model_file = tmp_path / "model.pt"
+    save_model(model.float(), model_file)
+    model.double()
+    name = procs.socket_name()
+    ipi, workers = start_workers_then_ipi(
+        procs, ["--model", model_file, "--system", frame, "--unix", name, "--dtype", "float64"],
+        ipi_input(name, frame.name, steps=2))
+    finish_run(procs, ipi, workers)
+    pos, frc = read_ipi_bin(tmp_path / "sim.pos_0.bin"), read_ipi_bin(tmp_path / "sim.frc_0.bin")
+    assert pos[0][1].shape == (len(atoms), 3)
+    s = QMMMStructure.read(frame)
+    res = ModelEvaluator(model, s, dtype=torch.float64).compute(np.stack([p[1] for p in pos]))
+    np.testing.assert_allclose(np.stack([f[1] for f in frc]), res.forces, atol=1e-8 * np.abs(res.forces).max())
+    np.testing.assert_allclose(read_ipi_properties(tmp_path / "sim.out")["potential"], res.energy, rtol=1e-10)
+    assert np.abs(res.forces[:, 0]).max() > 1e-5  # M1 (the methyl carbon) is pushed through the link atom
