@@ -95,6 +95,7 @@ class Presented:
     n_groups: int = 0
     r_on: float = 0.0
     r_off: float = 0.0
+    m1_pos: torch.Tensor | None = None   # [B, n_links, 3] the MM partners of cut bonds, at the image of their Q1
 
     @property
     def n_frames(self) -> int:
@@ -143,6 +144,9 @@ class Embedding:
             first[mol[k]] = k
         self.anchor = torch.as_tensor(first[mol], **as_long) if mol.size else self.mol
         self.mol_size = torch.bincount(self.mol, minlength=self.n_mol).double() if mol.size else None
+        links = structure.links
+        self.link_q1 = torch.as_tensor(np.searchsorted(structure.qm_indices, links[:, 0]), **as_long)
+        self.link_m1 = torch.as_tensor(links[:, 1], **as_long)
 
     def check_finite(self, positions: torch.Tensor, cells: torch.Tensor | None) -> None:
         """Refuse NaN or infinite coordinates, naming the first bad atom (before any atom is culled)."""
@@ -165,9 +169,10 @@ class Embedding:
         B = positions.shape[0]
         qm = positions[:, self.qm_idx]
         mm = positions[:, self.mm_idx]
+        m1 = positions[:, self.link_m1] if self.link_m1.numel() else None
         if not self.periodic or self.n_mol == 0:
             return Presented(qm_pos=qm, mm_pos=mm, mm_charge=self.mm_charge.expand(B, -1),
-                             mm_atom=self.mm_idx.expand(B, -1))
+                             mm_atom=self.mm_idx.expand(B, -1), m1_pos=m1)
         if cells is None:
             raise CellError(f"system {self.structure.source} is periodic but no cell was given")
         cells = cells.to(self.device, torch.float64)
@@ -180,6 +185,8 @@ class Embedding:
         with torch.no_grad():
             inv = torch.linalg.inv(cells)
             qm = qm + image_shift(qm - qm[:, :1], cells, inv)
+            if m1 is not None:  # each cut bond's MM atom at the image next to its QM atom
+                m1 = m1 + image_shift(m1 - qm[:, self.link_q1], cells, inv)
             centre = qm.mean(dim=1, keepdim=True)
             mm = mm + image_shift(mm - mm[:, self.anchor], cells, inv)
             cent = torch.zeros(B, self.n_mol, 3, device=self.device, dtype=torch.float64)
@@ -196,4 +203,32 @@ class Embedding:
             group, _ = pad_by_frame(self.mol[k], frame, B, self.n_mol)
             mm_pos = torch.where((mm_atom >= 0)[..., None], mm_pos, centre + far)
         return Presented(qm_pos=qm, mm_pos=mm_pos, mm_charge=mm_charge, mm_atom=mm_atom, group=group,
-                         n_groups=self.n_mol + 1, r_on=self.r_on, r_off=self.r_off)
+                         n_groups=self.n_mol + 1, r_on=self.r_on, r_off=self.r_off, m1_pos=m1)
+
+    def cluster(self, positions: np.ndarray, cell: np.ndarray | None = None, qm_shift: np.ndarray | None = None,
+                group_scale=None, info: dict | None = None) -> QMMMStructure:
+        """One configuration (Bohr) as the cluster frame the model sees: the QM atoms (moved by ``qm_shift``
+        [n_qm, 3], Bohr) first, then the MM atoms the cutoff keeps at their images, with switched charges
+        (times ``group_scale(n_groups)`` [n_groups], one factor per molecule), cut bonds renumbered.
+        Evaluating the cluster gives the energy the driver gives for the configuration."""
+        p = self.present(torch.as_tensor(positions)[None], None if cell is None else torch.as_tensor(cell)[None])
+        qm_pos = p.qm_pos if qm_shift is None else p.qm_pos + torch.as_tensor(qm_shift)[None]
+        real = p.mm_atom[0] >= 0
+        charges = p.charges(qm_pos, p.mm_pos)
+        if group_scale is not None:
+            charges = charges * torch.as_tensor(group_scale(max(p.n_groups, 1)))[p.group if p.group is not None else 0]
+        atoms = torch.cat([self.qm_idx, p.mm_atom[0][real]]).numpy()
+        s = self.structure
+        qm_link = None
+        if len(s.links):  # M1 is always kept: it is bonded to a QM atom
+            where = {int(a): k for k, a in enumerate(atoms)}
+            qm_link = np.full(len(atoms), -1, dtype=np.int64)
+            for q1, m1 in s.links:
+                qm_link[where[int(m1)]] = where[int(q1)]
+        n_qm = len(self.qm_idx)
+        info = dict(info or {}, mm_switch_on=self.r_on / ANGSTROM_TO_BOHR, mm_switch_off=self.r_off / ANGSTROM_TO_BOHR)
+        return QMMMStructure(numbers=s.numbers[atoms], positions=torch.cat([qm_pos[0], p.mm_pos[0][real]]).numpy(),
+                             qm=np.arange(len(atoms)) < n_qm,
+                             mm_charge=np.concatenate([np.zeros(n_qm), charges[0][real].detach().numpy()]),
+                             qm_total_charge=s.qm_total_charge, qm_multiplicity=s.qm_multiplicity, qm_link=qm_link,
+                             info=info, source=f"{s.source} (presented)")

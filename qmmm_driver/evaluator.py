@@ -89,7 +89,7 @@ class Results:
 
 
 def species_of(model: QMMMModel, structure: QMMMStructure) -> list[int]:
-    """Index of each QM atom's element in the model's element list."""
+    """Index of each QM atom's element in the model's element list, then one H per link atom."""
     known = model.elements
     out = []
     for atom, symbol in zip(structure.qm_indices, structure.qm_symbols):
@@ -97,6 +97,10 @@ def species_of(model: QMMMModel, structure: QMMMStructure) -> list[int]:
             raise StructureError(f"QM atom {int(atom)} of {structure.source} is {symbol}, which the model does "
                                  f"not know (its elements: {', '.join(known)})")
         out.append(known.index(symbol))
+    if len(structure.links):
+        if "H" not in known:
+            raise StructureError(f"{structure.source} cuts covalent bonds (link hydrogens), but the model knows no H")
+        out += [known.index("H")] * len(structure.links)
     return out
 
 
@@ -164,6 +168,7 @@ class ModelEvaluator:
         self.near_radius = s.short_range_cutoff if s.short_range else 0.0
         self._species = torch.as_tensor(species_of(model, structure), device=self.device)
         self._total = float(structure.qm_total_charge)
+        self._link_g = torch.as_tensor(structure.link_g, device=self.device, dtype=torch.float64)[None, :, None]
         self._per_batch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # B -> (species, total charges)
 
     def _batch_constants(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,25 +202,44 @@ class ModelEvaluator:
         with record_function("qmmm:model"):
             # relative to each frame's first QM atom: exact by translation invariance, and kind to float32
             origin = p.qm_pos[:, :1]
-            qm = (p.qm_pos - origin).requires_grad_(p.group is not None)
+            links = p.m1_pos is not None
+            leaves = p.group is not None or links  # gradients to chain outside the potential
+            qm = (p.qm_pos - origin).requires_grad_(leaves)
             mm = (p.mm_pos - origin).requires_grad_(p.group is not None)
+            qm_all, m1 = qm, None
+            if links:  # link hydrogens on the cut bonds, moving with their QM and MM atoms
+                m1 = (p.m1_pos - origin).requires_grad_(True)
+                q1 = qm[:, self.embedding.link_q1]
+                qm_all = torch.cat([qm, q1 + self._link_g * (m1 - q1)], dim=1)
             charges = p.charges(qm, mm) * coupling
-            near, mask = near_atoms(qm, mm, p.mm_atom, self.near_radius)
+            near, mask = near_atoms(qm_all, mm, p.mm_atom, self.near_radius)
             species, total = self._batch_constants(B)
-            inputs = (species, qm.detach().to(self.dtype), mm.detach().to(self.dtype),
+            inputs = (species, qm_all.detach().to(self.dtype), mm.detach().to(self.dtype),
                       charges.detach().to(self.dtype), near, mask.to(self.dtype), total)
             # dense memory: a compiled potential reads its inputs as contiguous arrays
-            energy, g_qm, g_mm, g_q, qm_charges, dipole = self.potential(*(t.contiguous() for t in inputs))
-            g_qm, g_mm = g_qm.double(), g_mm.double()
-            if p.group is not None:  # the switched charges depend on the positions
-                via_qm, via_mm = torch.autograd.grad(charges, [qm, mm], g_q.double())
-                g_qm, g_mm = g_qm + via_qm, g_mm + via_mm
+            energy, g_all, g_mm, g_q, qm_charges, dipole = self.potential(*(t.contiguous() for t in inputs))
+            g_all, g_mm, g_m1 = g_all.double(), g_mm.double(), None
+            if leaves:  # chain rule through the link atoms and the switched charges
+                outputs = [(qm_all, g_all)] + ([(charges, g_q.double())] if p.group is not None else [])
+                wrt = [t for t in (qm, mm, m1) if t is not None and t.requires_grad]
+                grads = dict(zip(map(id, wrt), torch.autograd.grad([o for o, _ in outputs], wrt,
+                                                                   [g for _, g in outputs], allow_unused=True)))
+                g_qm = grads[id(qm)]
+                if grads.get(id(mm)) is not None:
+                    g_mm = g_mm + grads[id(mm)]
+                g_m1 = grads[id(m1)] if links else None
+            else:
+                g_qm = g_all
+            n_qm = qm.shape[1]
+            if links:  # each link atom's charge counted on its QM atom (the QM total stays exact)
+                qm_charges = qm_charges[:, :n_qm].index_add(1, self.embedding.link_q1, qm_charges[:, n_qm:])
         with record_function("qmmm:assemble"):
             return self._assemble(p, energy, qm.detach() + origin, mm.detach() + origin, g_qm, g_mm, qm_charges,
-                                  dipole)
+                                  dipole, None if m1 is None else (m1.detach() + origin, g_m1))
 
-    def _assemble(self, p: Presented, energy, qm, mm, g_qm, g_mm, qm_charges, dipole) -> Results:
-        """Forces on the original atoms, virials and extras, on the host (float64)."""
+    def _assemble(self, p: Presented, energy, qm, mm, g_qm, g_mm, qm_charges, dipole, link=None) -> Results:
+        """Forces on the original atoms, virials and extras, on the host (float64); ``link``: the positions of
+        the cut bonds' MM atoms and the gradients that reach them through the link hydrogens."""
         B, n = p.n_frames, self.structure.n_atoms
         forces = torch.zeros(B, n + 1, 3, device=self.device, dtype=torch.float64)  # slot n: padding
         forces[:, self.embedding.qm_idx] = -g_qm
@@ -226,6 +250,10 @@ class ModelEvaluator:
             forces.scatter_add_(1, torch.where(p.mm_atom >= 0, p.mm_atom, n)[..., None].expand(-1, -1, 3), -g_mm)
             embedded = (p.mm_atom >= 0).sum(dim=1).cpu().numpy()
         virial = -(torch.einsum("bia,bic->bac", g_qm, qm) + torch.einsum("bia,bic->bac", g_mm, mm))
+        if link is not None:
+            m1_pos, g_m1 = link
+            forces.index_add_(1, self.embedding.link_m1, -g_m1)
+            virial = virial - torch.einsum("bia,bic->bac", g_m1, m1_pos)
         res = Results(
             energy=energy.double().cpu().numpy(),
             forces=forces[:, :n].cpu().numpy(),

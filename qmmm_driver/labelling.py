@@ -5,7 +5,10 @@ B3LYP/6-31+G* with density fitting) in the external potential of the MM point
 charges (``pyscf.qmmm``). The energy is the QM electrons and nuclei in that
 potential, including the Coulomb energy of QM nuclei with MM charges, as the
 frame convention defines it. Forces: QM atoms from the analytic gradient, MM
-atoms from the field of the QM density and nuclei at each charge. Reference
+atoms from the field of the QM density and nuclei at each charge. A frame with
+cut bonds (``qm_link``) gets a link hydrogen on each (:mod:`qmmm_driver.boundary`)
+in the QM molecule; its force goes to the QM and MM atom of the bond by the chain
+rule, its charge to the QM atom. Reference
 charges are IAO charges (intrinsic atomic orbitals, a basis-set-robust
 population scheme); the dipole is taken about the QM centre of mass.
 
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .boundary import link_positions
 from .structures import QMMMStructure, complete_frames, read_structures, write_atomically, write_structures
 
 
@@ -91,9 +95,12 @@ def label_frame(frame: QMMMStructure, xc: str = "b3lyp", basis: str = "6-31+g*",
     from pyscf import gto
 
     qm, mm = frame.qm_indices, frame.mm_indices
+    links, g = frame.links, frame.link_g
+    link_pos = link_positions(frame.positions, links, g)  # hydrogens capping the cut bonds (boundary.py)
+    atoms = [(int(z), tuple(p)) for z, p in zip(frame.numbers[qm], frame.positions[qm])] + \
+        [(1, tuple(p)) for p in link_pos]
     try:
-        mol = gto.M(atom=[(int(z), tuple(p)) for z, p in zip(frame.numbers[qm], frame.positions[qm])],
-                    unit="Bohr", basis=basis, charge=int(frame.qm_total_charge),
+        mol = gto.M(atom=atoms, unit="Bohr", basis=basis, charge=int(frame.qm_total_charge),
                     spin=int(frame.qm_multiplicity) - 1, verbose=0)
     except (RuntimeError, ValueError, KeyError) as err:
         raise LabelError(f"cannot set up the QM region (charge {frame.qm_total_charge}, multiplicity "
@@ -111,17 +118,22 @@ def label_frame(frame: QMMMStructure, xc: str = "b3lyp", basis: str = "6-31+g*",
     grad.verbose = 0
     g_qm = grad.kernel()
     forces = np.zeros_like(frame.positions)
-    forces[qm] = -g_qm
+    forces[qm] = -g_qm[:len(qm)]
     if len(mm):
         dm = mf.make_rdm1()
         if np.ndim(dm) == 3:
             dm = dm[0] + dm[1]
         forces[mm] = -(grad.grad_hcore_mm(dm) + grad.grad_nuc_mm())
+    for (q1, m1), gk, f in zip(links, g, -g_qm[len(qm):]):  # a link hydrogen's force, by the chain rule
+        forces[q1] += (1.0 - gk) * f
+        forces[m1] += gk * f
     masses = mol.atom_mass_list(isotope_avg=True)
     com = (masses[:, None] * mol.atom_coords()).sum(axis=0) / masses.sum()
     dipole = np.asarray(mf.dip_moment(unit="AU", origin=com, verbose=0))
     qm_charges = np.zeros(len(frame.numbers))
-    qm_charges[qm] = iao_charges(mf)
+    population = iao_charges(mf)
+    qm_charges[qm] = population[:len(qm)]
+    np.add.at(qm_charges, links[:, 0], population[len(qm):])  # a link hydrogen's charge counts on its QM atom
     info = dict(frame.info, reference=reference_string(xc, basis, density_fit), qm_charges_scheme="iao")
     labelled = replace(frame, energy=float(energy), forces=forces, qm_charges=qm_charges, dipole=dipole, info=info)
     labelled.density = mf.make_rdm1()

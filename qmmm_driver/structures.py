@@ -10,11 +10,15 @@ labelled frames are all structures.
 Files follow ``shared/conventions/qmmm-frames.md``: extended XYZ in eV,
 Angstrom and e, per-atom ``qm`` (0/1) and ``mm_charge``; labels through ASE's
 single-point calculator; ``qm_total_charge``/``qm_multiplicity`` in the info.
-qmmm-driver adds two optional items, both readable by any extended-XYZ reader:
+qmmm-driver adds three optional items, all readable by any extended-XYZ reader:
 
 - ``molecule`` (per-atom integer): the charge groups that the periodic
   embedding switches as a whole (without it, covalent connectivity defines them);
-- ``qm_dipole`` (info, e A): the reference QM dipole about the QM centre of mass.
+- ``qm_link`` (per-atom integer): covalent bonds cut by the QM/MM boundary; on an
+  MM atom M1 bonded to a QM atom Q1, the index of Q1, -1 on every other atom
+  (link hydrogens, see :mod:`qmmm_driver.boundary`);
+- ``qm_dipole`` (info, e A): the reference QM dipole about the QM centre of mass
+  (with link hydrogens, those included).
 
 The QM selection of a worker may also be given as 0-based indices and inclusive
 ranges, e.g. ``"0-5,9"``.
@@ -91,6 +95,7 @@ class QMMMStructure:
     qm_multiplicity: int = 1
     cell: np.ndarray | None = None        # [3, 3] lattice vectors as rows, Bohr; None: a cluster
     molecule: np.ndarray | None = None    # [N] charge groups (from the 'molecule' array), or None
+    qm_link: np.ndarray | None = None     # [N] on an MM atom bonded to QM atom Q1: Q1; else -1 (cut bonds)
     energy: float | None = None           # Hartree
     forces: np.ndarray | None = None      # [N, 3] Hartree/Bohr
     qm_charges: np.ndarray | None = None  # [N] e, 0 on MM atoms
@@ -124,6 +129,9 @@ class QMMMStructure:
             self.cell = np.asarray(self.cell, dtype=np.float64).reshape(3, 3)
             if abs(np.linalg.det(self.cell)) < 1e-6:
                 raise StructureError(f"{where}: the periodic cell has no volume")
+        if self.qm_link is not None:
+            self.qm_link = np.asarray(self.qm_link, dtype=np.int64).reshape(-1)
+            self._check_links()
         if self.molecule is not None:
             self.molecule = np.asarray(self.molecule, dtype=np.int64).reshape(-1)
             self._check_whole_qm_molecules(self.molecule, "its 'molecule' array")
@@ -136,8 +144,25 @@ class QMMMStructure:
                 raise StructureError(f"{where}: non-finite label (energy or force on atom "
                                      f"{int(bad[0]) if bad.size else '-'})")
 
+    def _check_links(self) -> None:
+        where = self.source
+        n = self.n_atoms
+        bad = np.flatnonzero((self.qm_link < -1) | (self.qm_link >= n))
+        if bad.size:
+            raise StructureError(f"{where}: 'qm_link' of atom {int(bad[0])} is {self.qm_link[bad[0]]}, not an atom index")
+        m1 = np.flatnonzero(self.qm_link >= 0)
+        if self.qm[m1].any():
+            a = int(m1[self.qm[m1]][0])
+            raise StructureError(f"{where}: atom {a} is QM but has a 'qm_link' partner; links go on the MM atoms of cut bonds")
+        if (~self.qm[self.qm_link[m1]]).any():
+            a = int(m1[~self.qm[self.qm_link[m1]]][0])
+            raise StructureError(f"{where}: 'qm_link' of MM atom {a} names atom {int(self.qm_link[a])}, which is not QM")
+
     def _check_whole_qm_molecules(self, molecule: np.ndarray, origin: str) -> None:
         cut = np.flatnonzero(~self.qm & np.isin(molecule, molecule[self.qm]))
+        if cut.size and self.qm_link is not None:  # molecules cut at declared links are allowed
+            linked = molecule[self.qm_link >= 0]
+            cut = cut[~np.isin(molecule[cut], linked)]
         if cut.size:
             a = int(cut[0])
             qm_mate = int(np.flatnonzero(self.qm & (molecule == molecule[a]))[0])
@@ -169,6 +194,22 @@ class QMMMStructure:
     @property
     def labelled(self) -> bool:
         return self.energy is not None and self.forces is not None
+
+    @property
+    def links(self) -> np.ndarray:
+        """The cut bonds as [n_links, 2] atom indices (Q1, M1), in M1 order."""
+        if self.qm_link is None:
+            return np.zeros((0, 2), dtype=np.int64)
+        m1 = np.flatnonzero(self.qm_link >= 0)
+        return np.stack([self.qm_link[m1], m1], axis=1)
+
+    @property
+    def link_g(self) -> np.ndarray:
+        """The g factor of every link (:func:`qmmm_driver.boundary.g_factor`)."""
+        from .boundary import g_factor
+
+        symbols = self.symbols
+        return np.array([g_factor(symbols[q1], symbols[m1]) for q1, m1 in self.links], dtype=np.float64)
 
     @property
     def symbols(self) -> list[str]:
@@ -227,6 +268,8 @@ class QMMMStructure:
         atoms.set_array("mm_charge", self.mm_charge.copy())
         if self.molecule is not None:
             atoms.set_array("molecule", self.molecule.copy())
+        if self.qm_link is not None:
+            atoms.set_array("qm_link", self.qm_link.copy())
         if self.qm_charges is not None:
             atoms.set_array("qm_charges", np.where(self.qm, self.qm_charges, 0.0))
         atoms.info.update(self.info)
@@ -278,6 +321,7 @@ class QMMMStructure:
             qm_total_charge=int(info.pop("qm_total_charge", 0)), qm_multiplicity=int(info.pop("qm_multiplicity", 1)),
             cell=atoms.cell.array * ANGSTROM_TO_BOHR if pbc.all() else None,
             molecule=np.asarray(atoms.arrays["molecule"]) if "molecule" in atoms.arrays else None,
+            qm_link=np.asarray(atoms.arrays["qm_link"]) if "qm_link" in atoms.arrays else None,
             info=info, source=source, **kwargs)
 
     @classmethod

@@ -81,6 +81,38 @@ def water_cluster(n_mm: int = 30, seed: int = 1) -> Atoms:
     return atoms
 
 
+ETHANOL_BONDS = [(0, 1), (1, 2), (2, 3), (1, 4), (1, 5), (0, 6), (0, 7), (0, 8)]
+
+
+def ethanol_cluster(n_mm_waters: int = 12, seed: int = 2) -> Atoms:
+    """Ethanol with its CH2OH group QM and its methyl group MM (the C-C bond cut: a link hydrogen), among MM
+    waters; the methyl carbon's charge redistributed to its hydrogens (the RC scheme)."""
+    from qmmm_driver.boundary import redistribute_charges
+
+    rng = np.random.default_rng(seed)
+    atoms = molecule("CH3CH2OH")
+    waters = water_cluster(n_mm=n_mm_waters, seed=seed)[3:]
+    waters.positions *= 1.25
+    waters.translate(rng.normal(size=3) * 0.2)
+    far = np.linalg.norm(waters.positions[::3, None] - atoms.positions[None], axis=-1).min(axis=1) > 2.6
+    keep = np.repeat(far, 3)
+    atoms += waters[keep]
+    n = len(atoms)
+    qm = np.zeros(n, dtype=np.int64)
+    qm[[1, 2, 3, 4, 5]] = 1
+    link = np.full(n, -1, dtype=np.int64)
+    link[0] = 1
+    charges = np.zeros(n)
+    charges[[0, 6, 7, 8]] = [0.12, 0.05, 0.03, -0.02]
+    charges[9:] = np.tile(TIP3P, (n - 9) // 3)
+    atoms.set_array("qm", qm)
+    atoms.set_array("qm_link", link)
+    atoms.set_array("mm_charge", redistribute_charges(charges, qm.astype(bool), link, ETHANOL_BONDS))
+    atoms.info["qm_total_charge"] = 0
+    atoms.info["qm_multiplicity"] = 1
+    return atoms
+
+
 def tiny_model(elements=("H", "O"), env_order: int = 3, seed: int = 0, **kw):
     """An untrained model with fixed weights and mild, non-trivial statistics."""
     from ase.data import atomic_masses, atomic_numbers
@@ -369,6 +401,15 @@ def sn2_solute():
     import solute
 
     return solute.solute()
+
+
+def serine_peptide():
+    """The serine example's capped dipeptide ACE-SER-NME (examples/serine/peptide.py): (modeller, QM indices)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "serine"))
+    import peptide
+
+    modeller = peptide.peptide()
+    return modeller, peptide.qm_indices(modeller.topology), peptide.FORCEFIELD
 
 
 def minimized_setup(box_A: float = SMALL_BOX_A, seed: int = 0, cutoff_nm: float = 0.7, solute=None):

@@ -21,7 +21,7 @@ import pytest
 from scipy.constants import N_A, physical_constants
 
 from conftest import (SMALL_MM_ARGS, finish_run, ipi_input, minimized_setup, read_ipi_bin, read_ipi_properties,
-                      sn2_solute, start_mm_worker)
+                      serine_peptide, sn2_solute, start_mm_worker)
 from qmmm_driver.cli import mm as mm_worker
 from qmmm_driver.mm.forcefield import force_field_charges, reduced_box
 from qmmm_driver.parallel import Placement
@@ -46,7 +46,7 @@ def force_field_terms(system):
     from openmm import unit
 
     nm, kj = unit.nanometer, unit.kilojoule_per_mole
-    out = {"bonds": [], "angles": [], "exceptions": {}}
+    out = {"bonds": [], "angles": [], "torsions": [], "exceptions": {}}
     for f in system.getForces():
         if isinstance(f, openmm.NonbondedForce):
             p = [f.getParticleParameters(i) for i in range(f.getNumParticles())]
@@ -68,6 +68,11 @@ def force_field_terms(system):
                 a, b, c, t0, ka = f.getAngleParameters(k)
                 out["angles"].append((a, b, c, t0.value_in_unit(unit.radian),
                                       ka.value_in_unit(kj / unit.radian**2) / HARTREE_KJ_PER_MOL))
+        elif isinstance(f, openmm.PeriodicTorsionForce):
+            for k in range(f.getNumTorsions()):
+                a, b, c, d, n, phase, kt = f.getTorsionParameters(k)
+                out["torsions"].append((a, b, c, d, n, phase.value_in_unit(unit.radian),
+                                        kt.value_in_unit(kj) / HARTREE_KJ_PER_MOL))
     return out
 
 
@@ -124,8 +129,36 @@ def bonded_energy(terms, pos, skip):
     return energy, forces
 
 
+def dihedral(p: np.ndarray) -> float:
+    b1, b2, b3 = p[1] - p[0], p[2] - p[1], p[3] - p[2]
+    n1, n2 = np.cross(b1, b2), np.cross(b2, b3)
+    return np.arctan2(np.linalg.norm(b2) * b1 @ n2, n1 @ n2)
+
+
+def torsion_energy(terms, pos, skip, h: float = 1e-6):
+    """Periodic torsions k (1 + cos(n phi - phase)), leaving out terms with skip[atoms].all(); forces by central
+    differences of each term (error ~h^2)."""
+    energy, forces = 0.0, np.zeros_like(pos)
+    for a, b, c, d, n, phase, k in terms["torsions"]:
+        atoms = [a, b, c, d]
+        if skip[atoms].all():
+            continue
+        p = pos[atoms].copy()
+        energy += k * (1 + np.cos(n * dihedral(p) - phase))
+        for x in range(4):
+            for y in range(3):
+                p[x, y] += h
+                up = k * np.cos(n * dihedral(p) - phase)
+                p[x, y] -= 2 * h
+                down = k * np.cos(n * dihedral(p) - phase)
+                p[x, y] += h
+                forces[atoms[x], y] -= (up - down) / (2 * h)
+    return energy, forces
+
+
 def cluster_reference(terms, pos, qm):
-    """The MM part of a cluster: MM-MM bonded, Coulomb and LJ (exclusions as given), QM-MM LJ, nothing else."""
+    """The MM part of a cluster: MM-MM bonded, Coulomb and LJ (exclusions as given), QM-MM LJ, nothing else.
+    Across a cut bond: bonded terms with any MM atom, QM-MM exceptions' Lennard-Jones (no Coulomb)."""
     n = len(pos)
     i, j = np.triu_indices(n, 1)
     keep = ~(qm[i] & qm[j])                                   # no QM-QM pair at all
@@ -136,11 +169,12 @@ def cluster_reference(terms, pos, qm):
     eps = np.sqrt(terms["eps"][i] * terms["eps"][j])
     for k, (a, b) in enumerate(zip(i, j)):
         if (a, b) in terms["exceptions"]:
-            assert both_mm[k], f"exclusion between QM and MM atoms {a}, {b}"
-            qq[k], sig[k], eps[k] = terms["exceptions"][(a, b)]
+            qq_ab, sig[k], eps[k] = terms["exceptions"][(a, b)]
+            qq[k] = qq_ab if both_mm[k] else 0.0
     e_pair, f_pair = pair_energy(pos, i, j, qq, sig, eps)
     e_bond, f_bond = bonded_energy(terms, pos, skip=qm)
-    return e_pair + e_bond, f_pair + f_bond
+    e_tors, f_tors = torsion_energy(terms, pos, skip=qm)
+    return e_pair + e_bond + e_tors, f_pair + f_bond + f_tors
 
 
 def mm_only_openmm(setup, pos_bohr, cell_bohr, qm, cutoff_A=CUTOFF_A, switch_A=SWITCH_A):
@@ -266,6 +300,52 @@ def test_cluster_equals_numpy_reference(boxes, tmp_path, name):
           f"max |dF| = {np.abs(rc.forces[0] - f_ref).max():.2e} Ha/Bohr")
     assert abs(rc.energy[0] - e_ref) < 1e-5 * max(1.0, abs(e_ref))
     assert np.abs(rc.forces[0] - f_ref).max() < 1e-4 * np.abs(f_ref).max()
+
+
+def test_cut_bond_counts_every_term_once(tmp_path):
+    """Serine side chain QM, CA-CB cut (ff14SB, cluster): the worker = numpy MM part, with every bonded term that
+    has an MM atom (bonds, angles, torsions across the cut) and the boundary's 1-2/1-3/1-4 Lennard-Jones kept,
+    all-QM terms and QM Coulomb gone; the model side sees CA's charge moved to N, HA and C."""
+    from openmm import app, unit
+
+    modeller, qm_indices, ff = serine_peptide()
+    pdb = tmp_path / "ser.pdb"
+    with open(pdb, "w") as fh:
+        app.PDBFile.writeFile(modeller.topology, modeller.positions, fh)
+    ev, text, *_ = mm_worker.build(worker_args("--pdb", pdb, "--forcefield", *ff, "--qm",
+                                               ",".join(map(str, qm_indices)), "--device", "reference"), Placement())
+    structure = ev.structure
+    atoms = {(a.residue.name, a.name): a.index for a in modeller.topology.atoms()}
+    ca, cb = atoms[("SER", "CA")], atoms[("SER", "CB")]
+    assert structure.links.tolist() == [[cb, ca]]
+
+    original = app.ForceField(*ff).createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, constraints=None,
+                                               rigidWater=False)
+    terms = force_field_terms(original)
+    pos = np.array(modeller.positions.value_in_unit(unit.nanometer)) / BOHR_NM
+    pos = pos + np.random.default_rng(3).normal(scale=0.05, size=pos.shape)
+    qm = structure.qm.astype(bool)
+    e_ref, f_ref = cluster_reference(terms, pos, qm)
+    res = ev.compute(pos[None])
+    de, df = abs(res.energy[0] - e_ref), np.abs(res.forces[0] - f_ref).max()
+    print(f"\nserine side chain, CA-CB cut: |dE| = {de:.2e} Ha, max |dF| = {df:.2e} Ha/Bohr; {text}")
+    assert de < 1e-8 * max(1.0, abs(e_ref))
+    assert df < 1e-7 * np.abs(f_ref).max()
+
+    # each bonded term once: all-QM ones removed (the model's), those with an MM atom kept and counted
+    spanning = sum(qm[list(t[:k])].any() and not qm[list(t[:k])].all()
+                   for key, k in (("bonds", 2), ("angles", 3), ("torsions", 4)) for t in terms[key])
+    assert spanning >= 10 and f"kept {spanning} bonded terms across cut bonds" in text
+    # the test sees what it checks: dropping the spanning terms (as if they were the model's) changes the energy
+    e_qm_side, _ = cluster_reference(terms, pos, qm | np.isin(np.arange(len(qm)), [ca]))
+    assert abs(e_qm_side - e_ref) > 1e-3
+
+    # the model side: CA's charge spread over its MM neighbours, the MM total as the force field has it
+    charges = force_field_charges(original)
+    m2 = [atoms[("SER", "N")], atoms[("SER", "HA")], atoms[("SER", "C")]]
+    assert structure.mm_charge[ca] == 0.0
+    np.testing.assert_allclose(structure.mm_charge[m2], charges[m2] + charges[ca] / 3, atol=1e-12)
+    assert abs(structure.mm_charge[~qm].sum() - charges[~qm].sum()) < 1e-10
 
 
 @pytest.mark.parametrize("name", ["water", "sn2"])
@@ -430,8 +510,8 @@ def test_error_bond_spanning_qm_and_mm(small_box):
     r = run_cli("--pdb", small_box["pdb"], "--forcefield", "amber14/tip3p.xml", "--qm", "0", "--unix", "none",
                 "--connect-timeout", "1")
     assert r.returncode == 2, r.stderr
-    assert "MM atom 1 is in the same molecule as QM atom 0" in r.stderr, r.stderr
-    assert "whole molecules" in r.stderr
+    assert "the bond between QM atom 0 (O) and MM atom 1 (H) crosses the boundary" in r.stderr, r.stderr
+    assert "no link-atom parameters for a cut O-H bond" in r.stderr and "select both atoms as QM or MM" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("qmmm-driver mm: served 0 structures")
 
 

@@ -62,4 +62,4 @@ def charges(xi: float) -> np.ndarray:
 def solute(xi: float = -1.4) -> Solute:
     """Cl- + CH3Cl at ``xi`` as the QM solute (charge -1), C-H bonds in the topology."""
     names = [("C", "C"), ("H1", "H"), ("H2", "H"), ("H3", "H"), ("CL1", "Cl"), ("CL2", "Cl")]
-    return Solute("sn2", "SN2", names, geometry(xi), [(0, 1), (0, 2), (0, 3)], [SOLUTE_XML], charge=-1)
+    return Solute.residue("sn2", "SN2", names, geometry(xi), [(0, 1), (0, 2), (0, 3)], [SOLUTE_XML], charge=-1)

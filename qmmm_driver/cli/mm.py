@@ -97,8 +97,8 @@ def build(args, placement):
     charges = mmf.force_field_charges(mm)
     if args.system is None:
         system = _system_from_pdb(topology, pdb.positions, charges, args.qm, args.pdb, periodic)
-    _warn_charges(system, charges)
-    removed = mmf.remove_qm_terms(mm, topology, system.qm_indices)
+    _warn_charges(system, charges, topology)
+    removed = mmf.remove_qm_terms(mm, topology, system.qm_indices, system.links)
 
     platform, properties = mmf.select_platform(args.device, placement.local_rank, args.threads)
     ev = mmf.OpenMMEvaluator(mm, system, platform, properties, periodic, topology)
@@ -111,28 +111,41 @@ def build(args, placement):
 
 
 def _system_from_pdb(topology, positions, charges, qm, source, periodic):
-    """The QM/MM system (atom order, QM selection) from the PDB alone, for ``--qm`` without ``--system``."""
+    """The QM/MM system (atom order, QM selection) from the PDB alone, for ``--qm`` without ``--system``:
+    molecules from the topology's bonds, the bonds the selection cuts as link atoms."""
     import numpy as np
-    from ase import Atoms
     from openmm import unit
 
-    from ..structures import QMMMStructure
+    from ..boundary import boundary_from_bonds
+    from ..mm.systems import molecules_of
+    from ..structures import QMMMStructure, parse_selection
+    from ..units import ANGSTROM_TO_BOHR
 
-    atoms = Atoms(symbols=[a.element.symbol for a in topology.atoms()],
-                  positions=np.asarray(positions.value_in_unit(unit.angstrom)))
-    if periodic:
-        atoms.set_cell(np.asarray(topology.getPeriodicBoxVectors().value_in_unit(unit.angstrom)))
-        atoms.pbc = True
-    atoms.set_array("mm_charge", charges)
-    atoms.set_array("molecule", np.array([a.residue.index for a in topology.atoms()], dtype=np.int64))
-    return QMMMStructure.from_atoms(atoms, qm=qm, source=str(source))
+    pos = np.asarray(positions.value_in_unit(unit.angstrom))
+    n = len(pos)
+    flags = np.zeros(n, dtype=bool)
+    flags[parse_selection(qm, n)] = True
+    bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
+    symbols = [a.element.symbol for a in topology.atoms()]
+    links, mm_charge = boundary_from_bonds(symbols, pos, flags, bonds, charges, f"{source}: ")
+    cell = np.asarray(topology.getPeriodicBoxVectors().value_in_unit(unit.angstrom)) * ANGSTROM_TO_BOHR \
+        if periodic else None
+    return QMMMStructure(numbers=np.array([a.element.atomic_number for a in topology.atoms()]),
+                         positions=pos * ANGSTROM_TO_BOHR, qm=flags, mm_charge=mm_charge, cell=cell,
+                         molecule=molecules_of(n, bonds), qm_link=links, source=str(source))
 
 
-def _warn_charges(system, charges) -> None:
-    """One warning line when the model's MM charges differ from the force field's."""
+def _warn_charges(system, charges, topology) -> None:
+    """One warning line when the model's MM charges differ from the force field's (with charges at cut bonds
+    redistributed, :mod:`qmmm_driver.boundary`)."""
     import numpy as np
 
+    from ..boundary import redistribute_charges
+
     mm = system.mm_indices
+    if system.qm_link is not None:
+        bonds = [(b[0].index, b[1].index) for b in topology.bonds()]
+        charges = redistribute_charges(np.where(system.qm, 0.0, charges), system.qm, system.qm_link, bonds)
     diff = np.abs(system.mm_charge[mm] - charges[mm])
     if diff.size and diff.max() > 1e-4:
         k = int(np.argmax(diff))

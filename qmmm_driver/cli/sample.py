@@ -1,8 +1,9 @@
 """``qmmm-driver sample``: unlabelled QM/MM frames from OpenMM MD (see :mod:`qmmm_driver.mm.sampling`).
 
-The QM region is a water (``--solute water``, the default) or one residue from a
+The QM region is a water (``--solute water``, the default) or a solute from a
 PDB file with its force field (``--solute X.pdb --solute-forcefield X.xml
---qm-charge Q``), solvated in water (TIP3P), methanol or acetonitrile (OPLS-AA),
+--qm-charge Q``), all of it or the atoms ``--qm`` selects (bonds the selection
+cuts get link atoms, :mod:`qmmm_driver.boundary`), solvated in water (TIP3P), methanol or acetonitrile (OPLS-AA),
 optionally next to one ion held at a distance range from the nearest QM atom,
 optionally with charge noise (field augmentation).
 """
@@ -19,7 +20,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--solute", default="water", help="'water' or a PDB file of one residue (the QM region)")
     parser.add_argument("--solute-forcefield", nargs="+", default=[], metavar="FFXML",
                         help="OpenMM force-field files of a PDB solute (its Lennard-Jones and MM charges)")
-    parser.add_argument("--qm-charge", type=int, default=0, help="total charge of a PDB solute (default 0)")
+    parser.add_argument("--qm", default=None, metavar="SELECTION",
+                        help="QM atoms of a PDB solute, 0-based, e.g. '7-11' (default: all; cut bonds get link atoms)")
+    parser.add_argument("--qm-charge", type=int, default=0, help="total charge of the QM region (default 0)")
     parser.add_argument("--out", required=True, type=Path, help="output frames (extended XYZ, appended)")
     parser.add_argument("--frames", type=int, required=True, help="number of frames")
     parser.add_argument("--solvent", default="water", help="water (TIP3P), methanol or acetonitrile (OPLS-AA)")
@@ -99,8 +102,10 @@ def main(args: argparse.Namespace) -> int:
 
     from ..mm.systems import solute_from_pdb, water_solute
 
+    if args.solute == "water" and args.qm is not None:
+        raise InputError("--qm selects QM atoms of a PDB solute (--solute X.pdb); a water solute is all QM")
     solute = water_solute() if args.solute == "water" else solute_from_pdb(args.solute, args.solute_forcefield,
-                                                                            args.qm_charge)
+                                                                            args.qm_charge, qm=args.qm)
     sampler, info = make_sampler(args, solute)
     with tqdm(total=args.frames, desc=f"sampling {solute.name}", unit="frame") as bar:
         sampler.sample(args.out, args.frames, args.interval, args.qm_noise, args.charge_noise, info, bar)

@@ -15,8 +15,13 @@ everything else and nothing more:
 - no long-range dispersion correction (at constant volume it is a constant,
   and it would average over QM-QM pairs too).
 
-A bond, angle, torsion or exclusion linking a QM atom to an MM atom is an error:
-only QM regions made of whole molecules are supported. Forces that cannot be
+Covalent bonds across the boundary must be declared cut (``links``: the QM/MM
+atom pairs that carry link hydrogens, :mod:`qmmm_driver.boundary`): then the
+bonded terms that span the boundary stay on the MM side (the model holds only
+QM-QM terms) and the boundary's nonbonded exceptions (1-2, 1-3, 1-4 pairs) keep
+their Lennard-Jones part but lose their Coulomb part (QM-MM electrostatics are
+the model's). Any other bond, angle, torsion or exclusion linking a QM atom to
+an MM atom is an error. Forces that cannot be
 checked for QM atoms (custom nonbonded forces, implicit solvent, LJ-PME, virtual
 sites, constraints) are refused with a message naming them.
 
@@ -180,33 +185,49 @@ class Removed:
     charges: int = 0
     qm_pairs: int = 0
     bonded: dict = field(default_factory=dict)
+    boundary_terms: int = 0       # bonded terms spanning a cut bond, kept
+    boundary_exceptions: int = 0  # QM-MM exceptions whose Coulomb part was removed
 
     def summary(self) -> str:
         bonded = " + ".join(f"{n} {k}" for k, n in self.bonded.items() if n) or "no"
-        return f"{self.charges} QM charges zeroed; removed {self.qm_pairs} QM-QM pairs and {bonded} bonded terms"
+        text = f"{self.charges} QM charges zeroed; removed {self.qm_pairs} QM-QM pairs and {bonded} bonded terms"
+        if self.boundary_terms or self.boundary_exceptions:
+            text += (f"; kept {self.boundary_terms} bonded terms across cut bonds, {self.boundary_exceptions} "
+                     "boundary exceptions without Coulomb")
+        return text
 
 
 def _spans_error(topology, kind: str, atoms, qm_mask) -> MMSetupError:
     qm = next(a for a in atoms if qm_mask[a])
     mm = next(a for a in atoms if not qm_mask[a])
     return MMSetupError(
-        f"{kind} links QM {atom_label(topology, qm)} to MM {atom_label(topology, mm)}; only QM regions "
-        "made of whole molecules are supported (select every atom of the molecule as QM)")
+        f"{kind} links QM {atom_label(topology, qm)} to MM {atom_label(topology, mm)}, and that bond is not "
+        "declared cut: select every atom of the molecule as QM, or cut the bond with a link atom (the "
+        "'qm_link' array of the system file)")
 
 
-def remove_qm_terms(system, topology, qm_indices) -> Removed:
-    """Modify ``system`` in place so that it holds no QM charge, no QM-QM term and no QM-MM bonded term."""
+def _across_a_cut(atoms, qm_mask, cut: set) -> bool:
+    """A term spanning the boundary is allowed when it contains a declared cut bond (QM atom, MM atom)."""
+    qm = [a for a in atoms if qm_mask[a]]
+    mm = [a for a in atoms if not qm_mask[a]]
+    return any((q, m) in cut for q in qm for m in mm)
+
+
+def remove_qm_terms(system, topology, qm_indices, links=()) -> Removed:
+    """Modify ``system`` in place so that it holds no QM charge and no QM-QM term; bonded terms across the
+    declared cut bonds ``links`` (pairs of QM atom, MM atom) stay, any other QM-MM bonded term is an error."""
     import openmm
 
     n = system.getNumParticles()
     qm_mask = np.zeros(n, dtype=bool)
     qm_mask[np.asarray(qm_indices, dtype=np.int64)] = True
     qm = [int(i) for i in np.flatnonzero(qm_mask)]
+    cut = {(int(q), int(m)) for q, m in links}
     out = Removed()
 
     for bond in topology.bonds():
         a, b = bond[0].index, bond[1].index
-        if qm_mask[a] != qm_mask[b]:
+        if qm_mask[a] != qm_mask[b] and ((a, b) if qm_mask[a] else (b, a)) not in cut:
             raise _spans_error(topology, "a bond of the topology", (a, b), qm_mask)
 
     table = _bonded_table()
@@ -217,7 +238,7 @@ def remove_qm_terms(system, topology, qm_indices) -> Removed:
         if isinstance(force, openmm.CMMotionRemover):
             drop.append(k)  # i-PI owns the dynamics (fixcom)
         elif isinstance(force, openmm.NonbondedForce):
-            _strip_nonbonded(force, topology, qm_mask, qm, out)
+            _strip_nonbonded(force, topology, qm_mask, qm, cut, out)
         elif kind in table:
             nat, count, getter, switch_off = table[kind]
             removed = 0
@@ -232,7 +253,9 @@ def remove_qm_terms(system, topology, qm_indices) -> Removed:
                     switch_off(force, i, params)
                     removed += 1
                 elif flags.any():
-                    raise _spans_error(topology, f"{name} term {i}", atoms, qm_mask)
+                    if not _across_a_cut(atoms, qm_mask, cut):
+                        raise _spans_error(topology, f"{name} term {i}", atoms, qm_mask)
+                    out.boundary_terms += 1  # spans a cut bond: the MM side's
             out.bonded[name] = removed
         else:
             raise MMSetupError(
@@ -244,7 +267,7 @@ def remove_qm_terms(system, topology, qm_indices) -> Removed:
     return out
 
 
-def _strip_nonbonded(force, topology, qm_mask, qm, out: Removed) -> None:
+def _strip_nonbonded(force, topology, qm_mask, qm, cut: set, out: Removed) -> None:
     import openmm
 
     if force.getNonbondedMethod() == openmm.NonbondedForce.LJPME:
@@ -260,10 +283,14 @@ def _strip_nonbonded(force, topology, qm_mask, qm, out: Removed) -> None:
         if qm_mask[a] or qm_mask[b]:
             raise MMSetupError(f"NonbondedForce has a parameter offset on an exception of QM "
                                f"{atom_label(topology, a if qm_mask[a] else b)}; QM-QM pairs must stay removed")
+    near_cut = _within_three_bonds(topology, cut)
     for k in range(force.getNumExceptions()):
-        a, b = force.getExceptionParameters(k)[:2]
+        a, b, _, sigma, epsilon = force.getExceptionParameters(k)
         if qm_mask[a] != qm_mask[b]:
-            raise _spans_error(topology, f"NonbondedForce exception {k} (a 1-2, 1-3 or 1-4 pair)", (a, b), qm_mask)
+            if (min(a, b), max(a, b)) not in near_cut:
+                raise _spans_error(topology, f"NonbondedForce exception {k} (a 1-2, 1-3 or 1-4 pair)", (a, b), qm_mask)
+            force.setExceptionParameters(k, a, b, 0.0, sigma, epsilon)  # Lennard-Jones stays, Coulomb is the model's
+            out.boundary_exceptions += 1
     for i in qm:
         _, sigma, epsilon = force.getParticleParameters(i)
         force.setParticleParameters(i, 0.0, sigma, epsilon)  # QM-MM Lennard-Jones stays
@@ -273,6 +300,33 @@ def _strip_nonbonded(force, topology, qm_mask, qm, out: Removed) -> None:
             force.addException(a, b, 0.0, 0.1, 0.0, replace=True)  # no QM-QM pair at all
             out.qm_pairs += 1
     force.setUseDispersionCorrection(False)
+
+
+def _within_three_bonds(topology, cut: set) -> set:
+    """Pairs of atoms (i < j) at most three bonds apart along a path through a cut bond: the exceptions a
+    force field makes across the boundary."""
+    if not cut:
+        return set()
+    neighbours: dict[int, set] = {}
+    for bond in topology.bonds():
+        a, b = bond[0].index, bond[1].index
+        neighbours.setdefault(a, set()).add(b)
+        neighbours.setdefault(b, set()).add(a)
+
+    def reach(start: int, avoid: int) -> dict[int, int]:
+        """Atoms within two bonds of ``start`` (not through ``avoid``) and their distance in bonds."""
+        found, frontier = {start: 0}, [start]
+        for depth in (1, 2):
+            frontier = [b for a in frontier for b in neighbours.get(a, ()) if b != avoid and b not in found]
+            found.update({b: depth for b in frontier})
+        return found
+
+    out = set()
+    for q, m in cut:
+        side_m = reach(m, q)
+        for a, da in reach(q, m).items():
+            out.update((min(a, b), max(a, b)) for b, db in side_m.items() if da + db + 1 <= 3)
+    return out
 
 
 def force_field_charges(system) -> np.ndarray:

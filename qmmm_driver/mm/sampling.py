@@ -152,30 +152,20 @@ class Sampler:
         return dataclasses.replace(self.setup, positions=pos).write(directory)
 
     def frame(self, qm_noise_A: float, info: dict, charge_noise: float = 0.0) -> QMMMStructure:
-        """The current configuration as a presented cluster frame."""
-        import torch
-
+        """The current configuration as a presented cluster frame (:meth:`Embedding.cluster`)."""
         from openmm import unit
 
         state = self.sim.context.getState(getPositions=True)
         pos = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer) * 10.0 * ANGSTROM_TO_BOHR
-        p = self.embedding.present(torch.as_tensor(pos)[None], torch.as_tensor(self.structure.cell)[None])
-        qm_pos = p.qm_pos + torch.as_tensor(self.rng.normal(size=tuple(p.qm_pos.shape)) * qm_noise_A * ANGSTROM_TO_BOHR)
-        real = p.mm_atom[0] >= 0
-        charges = p.charges(qm_pos, p.mm_pos)
+        shift = self.rng.normal(size=(len(self.qm), 3)) * qm_noise_A * ANGSTROM_TO_BOHR
+        scale = None
         if charge_noise > 0.0:
-            factor = torch.as_tensor(1.0 + charge_noise * self.rng.normal(size=p.n_groups))
-            charges = charges * factor[p.group]
-        atoms = torch.cat([self.embedding.qm_idx, p.mm_atom[0][real]]).numpy()
-        n_qm = len(self.qm)
-        info = dict(info, mm_switch_on=self.r_on_A, mm_switch_off=self.r_off_A, temperature=self.temperature,
+            scale = lambda n_groups: 1.0 + charge_noise * self.rng.normal(size=n_groups)  # noqa: E731
+        info = dict(info, temperature=self.temperature,
                     sampler=f"OpenMM flexible {SOLVENT_LABELS[self.setup.solvent]}, PME, Langevin")
-        return QMMMStructure(numbers=self.structure.numbers[atoms],
-                             positions=torch.cat([qm_pos[0], p.mm_pos[0][real]]).numpy(),
-                             qm=np.arange(len(atoms)) < n_qm,
-                             mm_charge=np.concatenate([np.zeros(n_qm), charges[0][real].numpy()]),
-                             qm_total_charge=self.structure.qm_total_charge,
-                             qm_multiplicity=self.structure.qm_multiplicity, info=info, source="sampler")
+        frame = self.embedding.cluster(np.asarray(pos), self.structure.cell, shift, scale, info)
+        frame.source = "sampler"
+        return frame
 
     def sample(self, out, count: int, interval_ps: float, qm_noise_A: float, charge_noise: float, info: dict,
                bar=None) -> None:

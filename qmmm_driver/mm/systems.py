@@ -1,8 +1,9 @@
 """QM/MM systems built with OpenMM: a QM solute in a box of solvent, optionally with an ion.
 
-A :class:`Solute` is the QM region's molecule(s) as one OpenMM residue with its
-force-field files (the Lennard-Jones that its MM neighbours feel; its charges
-matter only in MM sampling). :func:`build_setup` solvates it in a cubic box of
+A :class:`Solute` is the molecule(s) holding the QM region, as an OpenMM
+topology with its force-field files (the Lennard-Jones that its MM neighbours
+feel; the QM atoms' charges matter only in MM sampling); its QM atoms are all
+of it or a part (a side chain: cut bonds get link atoms). :func:`build_setup` solvates it in a cubic box of
 water (TIP3P), methanol or acetonitrile (OPLS-AA, ``qmmm_driver/data/*.xml``),
 optionally with one ion of amber14's set. The resulting :class:`MMSetup` gives
 the OpenMM ``System`` (for sampling and for the MM worker), the
@@ -94,46 +95,77 @@ def random_rotation(rng: np.random.Generator) -> np.ndarray:
 
 @dataclass
 class Solute:
-    """The QM region as one OpenMM residue: atom names and elements, positions (A), bonds, force field."""
+    """The solute: an OpenMM topology (one or more residues, with bonds), positions (A) and the force-field
+    files that describe it; ``qm`` are its QM atoms (default: all of them). A QM region that is part of a
+    molecule (a side chain) cuts bonds, which get link atoms (:mod:`qmmm_driver.boundary`); ``charge`` is the
+    QM region's total charge."""
 
     name: str
-    residue: str
-    atoms: list[tuple[str, str]]          # (name, element)
+    topology: object                      # openmm.app.Topology
     positions: np.ndarray                 # [n, 3] Angstrom
-    bonds: list[tuple[int, int]]
     forcefield: list[str]                 # OpenMM force-field files beyond amber14/tip3p.xml
     charge: int = 0
     multiplicity: int = 1
+    qm: np.ndarray | None = None
+
+    @classmethod
+    def residue(cls, name: str, residue: str, atoms: list[tuple[str, str]], positions: np.ndarray,
+                bonds: list[tuple[int, int]], forcefield: list[str], charge: int = 0, multiplicity: int = 1):
+        """A QM solute of one residue: (atom name, element) pairs, positions (A) and bonds."""
+        from openmm import app
+
+        top = app.Topology()
+        res = top.addResidue(residue, top.addChain())
+        made = [top.addAtom(n, app.element.Element.getBySymbol(e), res) for n, e in atoms]
+        for a, b in bonds:
+            top.addBond(made[a], made[b])
+        return cls(name, top, np.asarray(positions, dtype=float), list(forcefield), charge, multiplicity)
+
+    @property
+    def qm_indices(self) -> np.ndarray:
+        return np.arange(self.topology.getNumAtoms()) if self.qm is None else np.asarray(self.qm, dtype=np.int64)
 
 
 def water_solute() -> Solute:
     """One water (TIP3P geometry), QM."""
     pos = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [-0.2400, 0.9266, 0.0]])
-    return Solute("water", "HOH", [("O", "O"), ("H1", "H"), ("H2", "H")], pos, [(0, 1), (0, 2)], [])
+    return Solute.residue("water", "HOH", [("O", "O"), ("H1", "H"), ("H2", "H")], pos, [(0, 1), (0, 2)], [])
 
 
-def solute_from_pdb(pdb: str | Path, forcefield: list[str], charge: int, multiplicity: int = 1) -> Solute:
-    """A solute read from a PDB file of one residue, with the force-field files that describe it."""
+def solute_from_pdb(pdb: str | Path, forcefield: list[str], charge: int, multiplicity: int = 1,
+                    qm: str | None = None) -> Solute:
+    """A solute read from a PDB file (its residues and CONECT bonds as OpenMM reads them) with the force-field
+    files that describe it; ``qm`` selects the QM atoms ('0-5,9', 0-based within the file; default all)."""
     from openmm import app, unit
 
     from ..errors import InputError
+    from ..structures import parse_selection
 
     path = Path(pdb)
     if not path.is_file():
         raise InputError(f"solute PDB file {path} does not exist")
-    top = app.PDBFile(str(path))
-    residues = list(top.topology.residues())
-    if len(residues) != 1:
-        raise InputError(f"solute PDB file {path} holds {len(residues)} residues; give the QM region as one residue")
-    atoms = [(a.name, a.element.symbol) for a in top.topology.atoms()]
-    bonds = [(b[0].index, b[1].index) for b in top.topology.bonds()]
+    try:
+        top = app.PDBFile(str(path))
+    except Exception as err:  # OpenMM raises several kinds on malformed files
+        raise InputError(f"cannot read solute PDB file {path}: {err}") from err
     pos = np.asarray(top.positions.value_in_unit(unit.angstrom))
-    return Solute(path.stem, residues[0].name, atoms, pos, bonds, [str(f) for f in forcefield], charge, multiplicity)
+    selected = None if qm is None else parse_selection(qm, len(pos))
+    return Solute(path.stem, top.topology, pos, [str(f) for f in forcefield], charge, multiplicity, selected)
+
+
+def molecules_of(n: int, bonds: list[tuple[int, int]]) -> np.ndarray:
+    """Molecule index of every atom: the connected components of the bonds."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    i, j = (np.array(x, dtype=np.int64) for x in zip(*bonds)) if bonds else (np.zeros(0, int), np.zeros(0, int))
+    return connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)), directed=False)[1].astype(np.int64)
 
 
 @dataclass
 class MMSetup:
-    """An OpenMM model of a QM/MM system (positions in nm, as OpenMM keeps them); the QM atoms come first."""
+    """An OpenMM model of a QM/MM system (positions in nm, as OpenMM keeps them); the solute's atoms come first,
+    then the ion (if any), then the solvent."""
 
     name: str
     topology: object
@@ -156,20 +188,24 @@ class MMSetup:
         return np.array([[v[k].value_in_unit(unit.nanometer) for k in range(3)] for v in vecs])
 
     def structure(self, positions_nm: np.ndarray | None = None) -> QMMMStructure:
-        """The periodic system as a :class:`QMMMStructure` (molecules from residues)."""
+        """The periodic system as a :class:`QMMMStructure`: molecules from the bonds, cut bonds as link atoms
+        with the MM charges redistributed (:mod:`qmmm_driver.boundary`)."""
+        from ..boundary import boundary_from_bonds
         from ..units import ANGSTROM_TO_BOHR
 
         pos = self.positions if positions_nm is None else positions_nm
         n = self.topology.getNumAtoms()
         qm = np.zeros(n, dtype=bool)
         qm[self.qm_indices] = True
+        bonds = [(b[0].index, b[1].index) for b in self.topology.bonds()]
+        symbols = [a.element.symbol for a in self.topology.atoms()]
+        links, mm_charge = boundary_from_bonds(symbols, pos * 10.0, qm, bonds,
+                                               force_field_charges(self.create_system()), f"{self.name}: ")
         return QMMMStructure(
             numbers=np.array([a.element.atomic_number for a in self.topology.atoms()]),
-            positions=pos * 10.0 * ANGSTROM_TO_BOHR, qm=qm,
-            mm_charge=np.where(qm, 0.0, force_field_charges(self.create_system())),
+            positions=pos * 10.0 * ANGSTROM_TO_BOHR, qm=qm, mm_charge=mm_charge,
             qm_total_charge=self.qm_charge, qm_multiplicity=self.multiplicity,
-            cell=self.box_nm() * 10.0 * ANGSTROM_TO_BOHR,
-            molecule=np.array([a.residue.index for a in self.topology.atoms()], dtype=np.int64),
+            cell=self.box_nm() * 10.0 * ANGSTROM_TO_BOHR, molecule=molecules_of(n, bonds), qm_link=links,
             source=f"{self.name} (OpenMM setup)")
 
     def write(self, directory: str | Path) -> dict[str, Path]:
@@ -274,7 +310,7 @@ def build_setup(solute: Solute, box_A: float = 26.0, seed: int = 0, ion: str | N
                 solvent: str = "water", ion_distance_A: float = 4.5) -> MMSetup:
     """Solvate ``solute`` (randomly oriented, at the centre) in a cubic box of ``box_A`` Angstrom of ``solvent``;
     ``ion`` (a name of :data:`IONS`) adds that MM ion ``ion_distance_A`` from the solute's centre."""
-    from openmm import app, unit
+    from openmm import unit
 
     if solvent not in SOLVENTS:
         raise ValueError(f"unknown solvent '{solvent}' (known: {', '.join(SOLVENTS)})")
@@ -282,12 +318,7 @@ def build_setup(solute: Solute, box_A: float = 26.0, seed: int = 0, ion: str | N
         raise ValueError(f"unknown ion '{ion}' (known: {', '.join(IONS)})")
     rng = np.random.default_rng(seed)
     centre = np.full(3, box_A / 2.0)
-    top = app.Topology()
-    res = top.addResidue(solute.residue, top.addChain())
-    atoms = [top.addAtom(n, app.element.Element.getBySymbol(e), res) for n, e in solute.atoms]
-    for a, b in solute.bonds:
-        top.addBond(atoms[a], atoms[b])
-    files = [WATER_XML] + list(solute.forcefield)
+    files = list(dict.fromkeys([WATER_XML, *solute.forcefield]))
     if SOLVENTS[solvent].forcefield is not None:
         files.append(SOLVENTS[solvent].forcefield)
     local = solute.positions - solute.positions.mean(axis=0)
@@ -296,9 +327,9 @@ def build_setup(solute: Solute, box_A: float = 26.0, seed: int = 0, ion: str | N
     if ion is not None:
         direction = rng.normal(size=3)
         ions.append((ion, centre + ion_distance_A * direction / np.linalg.norm(direction)))
-    modeller = _solvate(top, positions, files, box_A, ions, SOLVENTS[solvent], rng)
-    n_qm = len(solute.atoms)
+    modeller = _solvate(solute.topology, positions, files, box_A, ions, SOLVENTS[solvent], rng)
+    n_solute = solute.topology.getNumAtoms()
     return MMSetup(name=solute.name, topology=modeller.topology,
                    positions=np.array(modeller.positions.value_in_unit(unit.nanometer)), forcefield_files=files,
-                   qm_indices=np.arange(n_qm), qm_charge=solute.charge, multiplicity=solute.multiplicity,
-                   ion_index=n_qm if ion is not None else None, solvent=solvent)
+                   qm_indices=solute.qm_indices, qm_charge=solute.charge, multiplicity=solute.multiplicity,
+                   ion_index=n_solute if ion is not None else None, solvent=solvent)

@@ -10,8 +10,11 @@ of the tensors with respect to the QM positions
 forces equal those of the full evaluation while an epoch never touches the far
 atoms again.
 
-Frames with the same number of QM atoms are stacked into one :class:`FrameSet`
-(near atoms padded with zero charges far away); a batch is a selection of rows.
+Frames with the same number of QM atoms (and of cut bonds) are stacked into one
+:class:`FrameSet` (near atoms padded with zero charges far away); a batch is a
+selection of rows. A cut bond's link hydrogen is placed on the bond from the QM
+atom and the MM atom (always a near atom) at every evaluation
+(:func:`with_links`), so that forces reach both by the chain rule.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from ..embedding import PADDING_DISTANCE
 from ..errors import InputError
 from ..nn.multipoles import taylor_tensors
+from ..boundary import link_positions
 from ..structures import QMMMStructure
 
 
@@ -32,9 +36,12 @@ class FrameSet:
     """Frames of ``n`` QM atoms each (atomic units, float64); labels are None where any frame lacks them."""
 
     index: torch.Tensor          # [F] position of each frame in the list it came from
-    species: torch.Tensor        # [F, n]
+    species: torch.Tensor        # [F, n + l]: the QM atoms, then one H per link atom
     qm: torch.Tensor             # [F, n, 3] relative to the first QM atom
-    far: torch.Tensor            # [F, n, (K+2)^2] Taylor tensors of the far MM charges, orders 0..K+1
+    far: torch.Tensor            # [F, n + l, (K+2)^2] Taylor tensors of the far MM charges, orders 0..K+1
+    link_q1: torch.Tensor        # [F, l] the QM atom (0..n-1) of each cut bond
+    link_m1: torch.Tensor        # [F, l] its MM atom, as an index into the near atoms
+    link_g: torch.Tensor         # [F, l] where the link hydrogen sits on the bond
     near_pos: torch.Tensor       # [F, m, 3], nearest first
     near_charge: torch.Tensor    # [F, m] (0 for padding)
     n_short: int                 # the first n_short near atoms hold all within the short-range cutoff
@@ -60,6 +67,24 @@ class FrameSet:
         return FrameSet(**out)
 
 
+def with_links(batch: "FrameSet", qm: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
+    """QM positions [B, n + l, 3]: ``qm`` [B, n, 3] followed by the link hydrogens on the cut bonds."""
+    if batch.link_q1.shape[1] == 0:
+        return qm
+    idx = batch.link_q1[..., None].expand(-1, -1, 3)
+    q1 = torch.gather(qm, 1, idx)
+    m1 = torch.gather(near, 1, batch.link_m1[..., None].expand(-1, -1, 3))
+    return torch.cat([qm, q1 + batch.link_g[..., None].to(qm.dtype) * (m1 - q1)], dim=1)
+
+
+def fold_link_charges(batch: "FrameSet", charges: torch.Tensor) -> torch.Tensor:
+    """Charges [B, n] of the QM atoms, each link hydrogen's added to its QM atom."""
+    n = batch.qm.shape[1]
+    if batch.link_q1.shape[1] == 0:
+        return charges
+    return charges[:, :n].scatter_add(1, batch.link_q1, charges[:, n:])
+
+
 def elements_of(structures: list[QMMMStructure]) -> list[str]:
     """QM elements present in the frames, in order of atomic number."""
     from ase.data import chemical_symbols
@@ -72,15 +97,15 @@ def prepare(structures: list[QMMMStructure], elements: list[str], env_order: int
     """The frames as :class:`FrameSet` s, one per QM atom count; radii in Bohr (``short_radius``: the model's
     short-range cutoff, which the near atoms passed to the model must cover)."""
     index = {e: k for k, e in enumerate(elements)}
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
     for k, s in enumerate(structures):
         if s.periodic:
             raise InputError(f"{s.source}: training frames must be clusters (no cell), presented as the driver "
                              "presents them (qmmm-driver sample writes such frames)")
-        for symbol in s.qm_symbols:
+        for symbol in s.qm_symbols + (["H"] if len(s.links) else []):
             if symbol not in index:
                 raise InputError(f"{s.source} has QM element {symbol}, which the model does not know ({elements})")
-        groups.setdefault(s.n_qm, []).append(k)
+        groups.setdefault((s.n_qm, len(s.links)), []).append(k)
     return [_stack([structures[k] for k in ks], ks, index, env_order, near_radius, loss_radius, short_radius)
             for _, ks in sorted(groups.items())]
 
@@ -90,16 +115,23 @@ def _stack(frames, rows, index, K, near_radius, loss_radius, short_radius) -> Fr
     for s in frames:
         qm, mm = s.qm_indices, s.mm_indices
         origin = s.positions[qm[0]]
+        links = s.links
         qm_pos = torch.as_tensor(s.positions[qm] - origin)
+        all_pos = torch.as_tensor(np.concatenate([s.positions[qm], link_positions(s.positions, links, s.link_g)])
+                                  - origin)
         mm_pos = torch.as_tensor(s.positions[mm] - origin)
         charge = torch.as_tensor(s.mm_charge[mm])
-        d = torch.cdist(qm_pos, mm_pos).amin(dim=0) if len(mm) else torch.zeros(0, dtype=torch.float64)
+        d = torch.cdist(all_pos, mm_pos).amin(dim=0) if len(mm) else torch.zeros(0, dtype=torch.float64)
         near = d < near_radius
-        far = taylor_tensors(qm_pos[None], mm_pos[~near][None], charge[~near][None], K + 1)[0]
+        far = taylor_tensors(all_pos[None], mm_pos[~near][None], charge[~near][None], K + 1)[0]
         order = torch.nonzero(near).flatten()
         order = order[torch.argsort(d[order], stable=True)]  # nearest first: the short-range atoms lead
+        slot = {int(mm[k]): j for j, k in enumerate(order)}   # atom index -> near index
         per.append(dict(
-            species=torch.as_tensor([index[x] for x in s.qm_symbols]), qm=qm_pos, far=far,
+            species=torch.as_tensor([index[x] for x in s.qm_symbols] + [index["H"]] * len(links)), qm=qm_pos,
+            far=far, link_q1=torch.as_tensor(np.searchsorted(qm, links[:, 0]), dtype=torch.long),
+            link_m1=torch.as_tensor([slot[int(m1)] for m1 in links[:, 1]], dtype=torch.long),
+            link_g=torch.as_tensor(s.link_g),
             near_pos=mm_pos[order], near_charge=charge[order], near_scored=d[order] < loss_radius,
             n_short=int((d[order] < short_radius).sum()), total_charge=float(s.qm_total_charge),
             energy=s.energy, qm_forces=None if s.forces is None else torch.as_tensor(s.forces[qm]),
@@ -121,6 +153,7 @@ def _stack(frames, rows, index, K, near_radius, loss_radius, short_radius) -> Fr
     near_pos = torch.stack([torch.cat([p["near_pos"], far_away.expand(m - len(p["near_pos"]), 3)]) for p in per])
     return FrameSet(
         index=torch.as_tensor(rows), species=stacked("species"), qm=stacked("qm"), far=stacked("far"),
+        link_q1=stacked("link_q1"), link_m1=stacked("link_m1"), link_g=stacked("link_g"),
         near_pos=near_pos, near_charge=stacked("near_charge", 0.0), near_scored=stacked("near_scored", False),
         n_short=max(max(p["n_short"] for p in per), 1),
         total_charge=torch.as_tensor([p["total_charge"] for p in per], dtype=torch.float64),

@@ -8,7 +8,7 @@ import torch
 
 from ..nn.multipoles import linearised_tensors, taylor_tensors
 from ..units import BOHR, HARTREE
-from .data import FrameSet
+from .data import FrameSet, fold_link_charges, with_links
 
 EV_PER_A = HARTREE / BOHR  # (Hartree/Bohr) -> (eV/A)
 
@@ -18,19 +18,20 @@ def predict(model, batch: FrameSet, create_graph: bool = True) -> dict:
 
     The Taylor tensors are the far charges' (linearised in the QM displacement,
     exact to first order) plus the near charges' (exact): the same energy and
-    forces as the driver's evaluation of the whole frame.
+    forces as the driver's evaluation of the whole frame, link atoms included.
     """
     dtype = next(model.parameters()).dtype
     qm = batch.qm.detach().to(dtype).requires_grad_(True)
     near = batch.near_pos.detach().to(dtype).requires_grad_(True)
     near_charge = batch.near_charge.to(dtype)
-    env = (linearised_tensors(batch.far.to(dtype), qm - qm.detach(), model.K)
-           + taylor_tensors(qm, near, near_charge, model.K))
+    qm_all = with_links(batch, qm, near)
+    env = (linearised_tensors(batch.far.to(dtype), qm_all - qm_all.detach(), model.K)
+           + taylor_tensors(qm_all, near, near_charge, model.K))
     m = batch.n_short  # the short-range features need only the nearest atoms (sorted first)
-    out = model(batch.species, qm, env, batch.total_charge.to(dtype), near[:, :m], near_charge[:, :m])
+    out = model(batch.species, qm_all, env, batch.total_charge.to(dtype), near[:, :m], near_charge[:, :m])
     g_qm, g_near = torch.autograd.grad(out["energy"].sum(), [qm, near], create_graph=create_graph)
     return {"energy": out["energy"], "qm_forces": -g_qm, "near_forces": -g_near,
-            "charges": out["charges"], "dipole": out["dipole"]}
+            "charges": fold_link_charges(batch, out["charges"]), "dipole": out["dipole"]}
 
 
 @dataclass

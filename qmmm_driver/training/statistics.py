@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from ..nn.multipoles import taylor_tensors
-from .data import FrameSet
+from .data import FrameSet, with_links
 
 
 def fit_statistics(model, sets: list[FrameSet], rows_of: list[torch.Tensor]) -> dict:
@@ -28,16 +28,17 @@ def fit_statistics(model, sets: list[FrameSet], rows_of: list[torch.Tensor]) -> 
         if not len(rows):
             continue
         b = fs.select(rows)
-        env = b.far[..., :(K + 1) ** 2] + taylor_tensors(b.qm, b.near_pos, b.near_charge, K)
+        qm = with_links(b, b.qm, b.near_pos)
+        env = b.far[..., :(K + 1) ** 2] + taylor_tensors(qm, b.near_pos, b.near_charge, K)
         mean_v = env[:, :, 0].mean(dim=1)
         if s.gauge_invariant:
             env = torch.cat([env[:, :, :1] - mean_v[:, None, None], env[:, :, 1:]], dim=2)
         for l in range(K + 1):
             sq[l] += float((env[..., l * l:(l + 1) ** 2] ** 2).sum())
-        n_atoms += b.qm.shape[0] * b.qm.shape[1]
-        d = torch.cdist(b.qm, b.qm)
+        n_atoms += qm.shape[0] * qm.shape[1]
+        d = torch.cdist(qm, qm)
         neighbours += float(((d < s.cutoff) & (d > 0)).sum())
-        short += float((torch.cdist(b.qm, b.near_pos[:, :b.n_short]) < s.short_range_cutoff).sum())
+        short += float((torch.cdist(qm, b.near_pos[:, :b.n_short]) < s.short_range_cutoff).sum())
         counts.append(torch.nn.functional.one_hot(b.species, n_elem).sum(dim=1).double().numpy())
         targets.append((b.energy - (b.total_charge * mean_v if s.gauge_invariant else 0.0)).numpy())
         forces.append(b.qm_forces.reshape(-1).numpy())

@@ -1,0 +1,61 @@
+"""Sampled frames are the configurations the driver sees: a cluster frame cut from a periodic system gives the
+model the same energy as the system itself, link atoms and redistributed charges included; charge noise keeps
+every molecule's charge scaled as a whole."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from qmmm_driver import ModelEvaluator
+from qmmm_driver.units import ANGSTROM_TO_BOHR
+
+from conftest import tiny_model
+
+PEPTIDE = Path(__file__).resolve().parents[1] / "examples" / "serine" / "dipeptide.pdb"
+
+
+@pytest.fixture(scope="module")
+def serine_sampler():
+    from qmmm_driver.mm.sampling import Sampler
+    from qmmm_driver.mm.systems import build_setup, solute_from_pdb
+
+    solute = solute_from_pdb(PEPTIDE, ["amber14-all.xml"], charge=0, qm="12-16")
+    setup = build_setup(solute, box_A=25.0, seed=0)
+    return Sampler(setup, temperature=300.0, dt_fs=1.0, seed=0, r_on_A=10.0, r_off_A=12.0)
+
+
+def test_side_chain_setup_declares_the_cut_bond(serine_sampler):
+    s = serine_sampler.structure
+    names = {(a.residue.name, a.name): a.index for a in serine_sampler.setup.topology.atoms()}
+    assert s.qm_indices.tolist() == list(range(12, 17))
+    assert s.links.tolist() == [[names[("SER", "CB")], names[("SER", "CA")]]]
+    assert s.mm_charge[names[("SER", "CA")]] == 0.0 and s.periodic
+
+
+def test_cluster_frame_gives_the_driver_energy(serine_sampler):
+    model = tiny_model(elements=("H", "C", "O")).double()
+    s = serine_sampler.structure
+    frame = serine_sampler.frame(qm_noise_A=0.0, info={})
+    assert frame.n_qm == 5 and frame.links.shape == (1, 2) and frame.links[0, 0] == 0  # Q1 = CB, first QM atom
+    assert frame.n_atoms < s.n_atoms  # the cutoff dropped distant molecules
+    pos = serine_sampler.positions_A() * ANGSTROM_TO_BOHR
+    periodic = ModelEvaluator(model, s, dtype=torch.float64).compute(pos[None], s.cell[None])
+    cluster = ModelEvaluator(model, frame, dtype=torch.float64).compute(frame.positions[None])
+    assert cluster.energy[0] == pytest.approx(periodic.energy[0], abs=1e-9)
+    np.testing.assert_allclose(cluster.qm_charges, periodic.qm_charges, atol=1e-10)
+
+
+def test_charge_noise_scales_molecules_as_a_whole(serine_sampler):
+    plain = serine_sampler.frame(qm_noise_A=0.0, info={})
+    noisy = serine_sampler.frame(qm_noise_A=0.0, info={}, charge_noise=0.3)
+    assert np.allclose(noisy.positions, plain.positions)
+    ratio = noisy.mm_charge[plain.mm_charge != 0] / plain.mm_charge[plain.mm_charge != 0]
+    assert ratio.std() > 0.05  # molecules got different factors
+    o = np.flatnonzero(noisy.numbers[:-2] == 8)
+    o = o[(noisy.numbers[o + 1] == 1) & (noisy.numbers[o + 2] == 1)]
+    rows = o[:, None] + np.arange(3)                                    # O, H, H of a water
+    neutral = np.abs(plain.mm_charge[rows].sum(axis=1)) < 1e-9
+    assert neutral.sum() > 100
+    assert np.abs(noisy.mm_charge[rows[neutral]].sum(axis=1)).max() < 1e-9  # a neutral molecule stays neutral
