@@ -144,9 +144,13 @@ def structures_per_step(root: ET.Element) -> tuple[int, int]:
     return nbeads, max(n_systems, 1)
 
 
+#: i-PI's polling interval (s) on batched model sockets (see prepare_input)
+BATCH_LATENCY_S = 0.002
+
+
 def auto_batch(nbeads: int, n_systems: int, workers: int) -> int:
     """Batch size for a model socket: the largest divisor of ``nbeads`` not above the structures per worker,
-    so that i-PI's batches are always full (no padded structure) and every worker gets work."""
+    so that a step's structures fill whole batches and every worker gets work."""
     share = -(-nbeads * n_systems // max(workers, 1))
     return max(d for d in range(1, nbeads + 1) if nbeads % d == 0 and d <= share)
 
@@ -156,7 +160,8 @@ def prepare_input(source: Path, target: Path, tag: str, workers: int, batch: boo
     """Copy an i-PI input (or checkpoint) to ``target`` with a unique unix socket per ffsocket.
 
     Model sockets without a ``<batch_size>`` get one (:func:`auto_batch`) when
-    ``batch``. Batching needs i-PI's consolidated messages, whose polling thread
+    ``batch``, and a polling interval of ``BATCH_LATENCY_S`` unless they set
+    ``<latency>``. Batching needs i-PI's consolidated messages, whose polling thread
     dies when a worker's connection is reset (the run then stalls, and
     :func:`follow` stops it); every socket that is not batched gets
     ``<consolidate_messages>false``, which keeps i-PI's polling alive.
@@ -189,6 +194,11 @@ def prepare_input(source: Path, target: Path, tag: str, workers: int, batch: boo
             consolidate.text = " false "
         if batched:  # i-PI batches only with consolidated messages; the launcher's stall watch covers it
             consolidate.text = " true "
+            if ff.find("latency") is None:
+                # i-PI's polling thread sends whatever beads are queued when it wakes (every 0.1 ms by default),
+                # padding the rest of the batch; waking every 2 ms lets a step's beads be queued first, so that
+                # they go to the model in one request instead of two
+                ET.SubElement(ff, "latency").text = f" {BATCH_LATENCY_S} "
         batches[name] = int(size.text) if batched else 1
     if not sockets:
         raise InputError(f"{source} has no <ffsocket>: nothing for qmmm-driver to serve")
@@ -429,7 +439,8 @@ def launch(args) -> int:
         raise InputError(f"--stall-timeout {args.stall_timeout} must be positive")
     source = resolve_input(args.input or "pimd")
     example = Example.find(args.example or "water")
-    run_dir = Path(args.run_dir or Path("runs") / f"{source.stem}-{example.root.name}")
+    # absolute: the workers run inside it and are given paths of files in it
+    run_dir = Path(args.run_dir or Path("runs") / f"{source.stem}-{example.root.name}").absolute()
     tag = uuid.uuid4().hex[:8]
     start_step = 0
     if args.restart:

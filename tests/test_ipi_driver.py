@@ -192,10 +192,19 @@ def test_protocol_unbatched_and_batched_against_scripted_server(box_case):
         np.testing.assert_allclose(pots, rb.energy, rtol=1e-13)
         np.testing.assert_allclose(fs, rb.forces, rtol=1e-10, atol=1e-13)
         assert len(extras) == 4 and extras[3]["qm_charges"] == pytest.approx(rb.qm_charges[3].tolist())
+        # a partial batch that i-PI padded with copies of its last request: two frames evaluated, four answered
+        padded = frames[[2, 0, 0, 0]]
+        srv.send(POSDATA, np.int32(n), cells, padded, GETFORCE)
+        pots, fs, virs, extras = srv.forces(4, n)
+        rp = ref.compute(padded[:2], np.repeat(rows[None], 2, 0), half)
+        np.testing.assert_allclose(pots, rp.energy[[0, 1, 1, 1]], rtol=1e-13)
+        np.testing.assert_allclose(fs, rp.forces[[0, 1, 1, 1]], rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(virs, rp.virial[[0, 1, 1, 1]], rtol=1e-10, atol=1e-13)
+        assert extras[1] == extras[3] == json.loads(json.dumps(rp.extras(1, system)))
         srv.send(EXIT)
         thread.join(10)
     assert out.get("rc") == 0, out
-    assert client.structures == 6 and client.requests == 3
+    assert client.structures == 8 and client.requests == 4  # the padding was not evaluated
 
 
 

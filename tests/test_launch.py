@@ -81,9 +81,10 @@ def start(args, **kw):
 
 def test_launch_runs_to_the_end_and_cleans_up(tmp_path, example):
     run_dir = tmp_path / "run"
+    # a relative --run-dir, as the default is (the workers run inside it)
     res = subprocess.run(LAUNCH + [str(short_input(tmp_path, "md-nvt.xml", 4)), "--example", str(example),
-                                   "--run-dir", str(run_dir), "--no-progress"],
-                         capture_output=True, text=True, timeout=300)
+                                   "--run-dir", "run", "--no-progress"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert steps_done(run_dir) == [0, 1, 2, 3, 4]
     assert "running md-nvt.xml on example" in res.stderr
@@ -247,8 +248,22 @@ def test_a_failed_launch_leaves_a_directory_launch_takes_again(tmp_path, example
     assert steps_done(run_dir) == [0, 1, 2]
 
 
-def test_auto_batch_never_pads():
-    """The batch the launcher picks divides the beads, so i-PI's batches are always full."""
+def test_pimd_beads_go_to_the_model_in_batches_and_padding_is_not_evaluated(tmp_path, example):
+    run_dir = tmp_path / "run"
+    res = subprocess.run(LAUNCH + [str(short_input(tmp_path, "pimd.xml", 6, nbeads=4)), "--example", str(example),
+                                   "--run-dir", str(run_dir), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ff = next(f for f in ET.parse(run_dir / "input.xml").getroot().iter("ffsocket") if f.get("name") == "qmmm")
+    assert int(ff.findtext("batch_size")) == 4 and float(ff.findtext("latency")) > 1e-4
+    served, requests = map(int, re.search(r"served (\d+) structures in (\d+) requests",
+                                          (run_dir / "qmmm-w0.log").read_text()).groups())
+    # 7 force evaluations of 4 beads; i-PI pads a partial batch with copies, which the worker does not evaluate
+    assert requests >= 7 and served <= 4 * 7
+
+
+def test_auto_batch_fills_whole_batches():
+    """The batch the launcher picks divides the beads, so a step's structures fill whole batches."""
     for nbeads in (1, 2, 4, 8, 16, 32):
         for systems in (1, 4):
             for workers in (1, 2, 3, 4):

@@ -240,8 +240,8 @@ class IPIClient:
 
     ``defaults`` are the forcefield parameters used where INIT does not set them
     (e.g. ``--coupling``). After :meth:`serve` returns (EXIT) or raises,
-    ``structures`` and ``requests`` count the structures evaluated and POSDATA
-    messages answered.
+    ``structures`` and ``requests`` count the structures evaluated (i-PI's
+    padding of partial batches excluded) and POSDATA messages answered.
     """
 
     def __init__(self, sock: socket.socket, evaluator, defaults: dict | None = None):
@@ -344,9 +344,24 @@ class IPIClient:
     def _on_posdata(self) -> None:
         with record_function("ipi:read"):
             cells = self._read_posdata()
-        self._results = self.ev.compute(self._pos, cells, self.params)  # NonFiniteResult propagates: nothing sent
+        n = self._distinct_frames()
+        pos = self._pos if n == self.batch_size else self._pos[:n]
+        cells = cells if cells is None or n == self.batch_size else cells[:n]
+        self._results = self.ev.compute(pos, cells, self.params)  # NonFiniteResult propagates: nothing sent
         self.requests += 1
-        self.structures += self.batch_size
+        self.structures += n
+
+    def _distinct_frames(self) -> int:
+        """The frames of a batch before i-PI's padding.
+
+        i-PI fills a partial batch with copies of its last request; identical frames have identical results, so
+        only the first of a trailing run of equal frames is evaluated and its results are sent for the rest.
+        """
+        n = self.batch_size
+        pos, hih = self._pos, self._hih
+        while n > 1 and np.array_equal(pos[n - 1], pos[n - 2]) and np.array_equal(hih[n - 1], hih[n - 2]):
+            n -= 1
+        return n
 
     def _read_posdata(self):
         B = self.batch_size
@@ -378,13 +393,13 @@ class IPIClient:
         if res is None:
             raise ProtocolError("i-PI asked for forces (GETFORCE) before sending positions (POSDATA)")
         self._results = None
-        B = self.batch_size
-        self._r_pot[:] = res.energy
-        self._r_force[:] = res.forces
-        self._r_vir[:] = res.virial
+        B, n = self.batch_size, len(res.energy)  # frames n..B-1 repeat frame n-1 (i-PI's padding)
+        self._r_pot[:n], self._r_pot[n:] = res.energy, res.energy[-1]
+        self._r_force[:n], self._r_force[n:] = res.forces, res.forces[-1]
+        self._r_vir[:n], self._r_vir[n:] = res.virial, res.virial[-1]
         payload = []
         for b in range(B):
-            extras = res.extras(b, self.system)
+            extras = res.extras(min(b, n - 1), self.system)
             text = json.dumps(extras).encode("utf-8") if extras else b""  # none: i-PI records no extras
             payload.append(np.int32(len(text)).tobytes())
             payload.append(text)
