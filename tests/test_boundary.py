@@ -10,7 +10,7 @@ from qmmm_driver import ModelEvaluator, QMMMStructure
 from qmmm_driver.boundary import BoundaryError, check_cut_bonds, g_factor, redistribute_charges
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
-from conftest import ETHANOL_BONDS, ethanol_cluster, tiny_model
+from conftest import ethanol_cluster, tiny_model
 
 
 def evaluate(model, atoms):
