@@ -8,6 +8,7 @@ from ase import Atoms
 from e3nn import o3
 
 from qmmm_driver import ModelEvaluator, QMMMCalculator, QMMMStructure
+from qmmm_driver.launcher import MODELS
 from qmmm_driver.nn.io import ModelFileError, load_model, save_model
 from qmmm_driver.structures import StructureError
 from qmmm_driver.units import ANGSTROM_TO_BOHR, HARTREE
@@ -84,12 +85,16 @@ def test_translation_and_permutation_invariance(model64):
     assert np.allclose(out.qm_charges[0], ref.qm_charges[0][perm[:6]], atol=1e-10)
 
 
+@pytest.mark.parametrize("which", ["untrained", "shipped"])
 @pytest.mark.parametrize("name,charge", [("water", 0), ("sn2", -1)])
-def test_uniform_potential_shift_changes_energy_by_total_charge(name, charge):
+def test_uniform_potential_shift_changes_energy_by_total_charge(name, charge, which):
     """A shell of charge far away (no field inside, a constant potential dV over the QM region) changes the
-    energy by exactly Q_QM dV, from -10 V to +10 V, and leaves the QM forces unchanged."""
-    elements = ("H", "O") if name == "water" else ("H", "C", "O", "Cl")
-    model = tiny_model(elements=elements).double()
+    energy by exactly Q_QM dV, from -10 V to +10 V, and leaves the QM forces unchanged: for an untrained model
+    and for the shipped one."""
+    if which == "shipped":
+        model = load_model(MODELS / name / "model.pt").double()
+    else:
+        model = tiny_model(elements=("H", "O") if name == "water" else ("H", "C", "O", "Cl")).double()
     atoms = water_cluster() if name == "water" else sn2_cluster()
     ref = evaluate(model, atoms)
     qm = np.flatnonzero(atoms.arrays["qm"])
