@@ -2,7 +2,8 @@
 
 Runs profile_call.py (one force call, eager and compiled, with its breakdown), mm_cost.py (the OpenMM worker
 against OpenMM alone; ring-polymer contraction), layers.py (the packed layers against e3nn's), model_cost.py
-(cost growth with N_QM, N_MM, batch), vs_pyscf.py (model against the reference calculation), ipi_pimd.py (i-PI
+(cost growth with N_QM, N_MM, batch), batch_call.py (32 SN2 beads in 20 000 MM charges; --device cuda on a
+GPU, --compile for the compiled potential), vs_pyscf.py (model against the reference calculation), ipi_pimd.py (i-PI
 PIMD throughput against i-PI's dummy floor and its stock driver hosting the same evaluator, batched) and
 fault_injection.py (killed processes, restarts). Each prints its table and writes JSON under benchmarks/results/.
 The shipped models and their compiled forms (``qmmm-driver compile``) must be in place.
@@ -21,6 +22,7 @@ def main() -> None:
         ["profile_call.py"] + (["--calls", "50"] if quick else []),
         ["mm_cost.py"],
         ["layers.py"],
+        ["batch_call.py", "--repeats", "5"] + (["--beads", "8", "--mm", "5000"] if quick else []),
         ["model_cost.py", "--threads", "1"] + (["--qm", "3,12", "--mm", "1000,20000", "--batch", "1,8"] if quick else []),
         ["vs_pyscf.py"] + (["--systems", "water"] if quick else []),
         ["ipi_pimd.py"] + (["--only", "fair"] if quick else []),
