@@ -13,8 +13,9 @@ excluded).
    ``i-pi-py_driver`` hosting the same evaluator through a PES that overrides ``compute`` for batches
    (``qmmm_driver/ipi/pes.py``): the best the stock driver can do with this model.
 
-Padding: the structures the model workers evaluated, from their exit lines, against the structures i-PI asked
-for (beads x steps): i-PI pads partial batches by repeating the last structure.
+Padding: the structures the model workers evaluated and the requests they answered, from their exit lines,
+against the structures i-PI asked for (beads x steps). i-PI pads a partial batch by repeating its last
+structure; the worker evaluates no repeated structure, and one request per step means no partial batch.
 
     python benchmarks/ipi_pimd.py                 # all three
     python benchmarks/ipi_pimd.py --only fair     # one of them
@@ -65,10 +66,12 @@ INPUT = """<simulation verbosity='low'>
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread per process for every client
 
 
-def timed(run_dir: Path, proc, warmup: int) -> tuple[float, int]:
+def timed(run_dir: Path, proc, warmup: int, clients=()) -> tuple[float, int]:
     """Steps per second of a running i-PI (or launcher) between step ``warmup`` and its last step."""
     t0 = s0 = None
     while proc.poll() is None:
+        if any(c.poll() not in (None, 0) for c in clients):
+            raise RuntimeError(f"a client of the run in {run_dir} failed; see its log")
         step = last_step(run_dir, OUT) if (run_dir / "sim.out").exists() else \
             last_step(run_dir, [OutputSpec("properties", "simulation.out", "")])
         if t0 is None and step is not None and step >= warmup:
@@ -81,8 +84,11 @@ def timed(run_dir: Path, proc, warmup: int) -> tuple[float, int]:
     return (final - s0) / (t1 - t0), final
 
 
-def served(log: str) -> int:
-    return sum(int(n) for n in re.findall(r"served (\d+) structures", log))
+def served(log: str) -> tuple[int, int]:
+    """Structures evaluated and requests answered, from the model workers' exit lines (a worker does not
+    evaluate i-PI's padding of a partial batch, nor identical beads twice)."""
+    pairs = re.findall(r"served (\d+) structures in (\d+) requests", log)
+    return sum(int(a) for a, _ in pairs), sum(int(b) for _, b in pairs)
 
 
 # --------------------------------------------------------------------------- 1: the shipped main job
@@ -101,7 +107,7 @@ def shipped(work: Path, steps: int, warmup: int, template: str = "pimd") -> dict
                              "--run-dir", str(run), "--no-progress"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=ENV)
     rate, final = timed(run, proc, warmup)
-    evaluated = served((run / "qmmm-w0.log").read_text())
+    evaluated, requests = served((run / "qmmm-w0.log").read_text())
     # the floor: the same prepared input, i-PI's dummy driver on every socket
     floor_dir = work / f"floor-{template}"
     floor_dir.mkdir()
@@ -116,7 +122,7 @@ def shipped(work: Path, steps: int, warmup: int, template: str = "pimd") -> dict
     return {"input": template, "beads": nbeads, "atoms": 1671, "qmmm_driver_steps_per_s": rate,
             "floor_steps_per_s": rate_floor, "ratio_to_floor": rate / rate_floor,
             "model_structures_evaluated": evaluated, "structures_requested": nbeads * (final + 1),
-            "padded": evaluated - nbeads * (final + 1)}
+            "model_requests_per_step": requests / (final + 1)}
 
 
 def dummy_run(run_dir: Path, addresses: list[str], warmup: int) -> float:
@@ -201,7 +207,7 @@ def single(kind: str, system: Path, model: Path, beads: int, batch: int, steps: 
             time.sleep(0.05)
         procs.append(subprocess.Popen(client(kind, address, model, system), cwd=run, stdout=log,
                                       stderr=subprocess.STDOUT, env=ENV))
-        rate, final = timed(run, procs[0], warmup)
+        rate, final = timed(run, procs[0], warmup, procs[1:])
     finally:
         for p in procs:
             if p.poll() is None:
@@ -211,7 +217,9 @@ def single(kind: str, system: Path, model: Path, beads: int, batch: int, steps: 
         Path("/tmp/ipi_" + address).unlink(missing_ok=True)
     out = {"steps_per_s": rate, "ms_per_structure": 1000.0 / (rate * beads)}
     if kind == "qmmm-driver":
-        out["padded"] = served((run / "log").read_text()) - beads * (final + 1)
+        evaluated, requests = served((run / "log").read_text())
+        out.update(structures_evaluated=evaluated, structures_requested=beads * (final + 1),
+                   requests_per_step=requests / (final + 1))
     return out
 
 
@@ -233,7 +241,8 @@ def main() -> None:
             for r in results["shipped"]:
                 print(f"launch {r['input']} ({r['beads']} beads, {r['atoms']} atoms): {r['qmmm_driver_steps_per_s']:.2f} "
                       f"steps/s, floor {r['floor_steps_per_s']:.2f} -> {r['ratio_to_floor']:.2f} of the floor; "
-                      f"padded structures {r['padded']} of {r['model_structures_evaluated']}", flush=True)
+                      f"{r['model_structures_evaluated']} structures evaluated of {r['structures_requested']} requested, "
+                      f"{r['model_requests_per_step']:.2f} model requests per step", flush=True)
         system = cluster_system(work)
         if args.only in (None, "user"):
             dummy = single("dummy", system, model, 8, 1, args.steps, args.warmup, work)

@@ -420,3 +420,32 @@ def test_batched_equals_unbatched(procs, tmp_path, tiny_model_file):
     assert np.abs(forces[1][0] - forces[1][1]).max() > 1e-6 * scale  # beads differ: a real batch
     assert counts[1] == (20, 20)
     assert counts[4] == (20, 5)  # 4 structures per request
+
+
+def test_ipi_stock_driver_hosts_the_evaluator_batched(tmp_path, tiny_model_file):
+    """i-PI's own driver with the batched PES (`i-pi-py_driver -m custom -P qmmm_driver/ipi/pes.py`, the fair
+    baseline of benchmarks/ipi_pimd.py) loads the file by path and gives the forces `qmmm-driver run` gives."""
+    import qmmm_driver.ipi.pes as pes
+
+    frame = write_frame(water_cluster(), tmp_path / "cluster.extxyz", box=CLUSTER_BOX)
+    forces = {}
+    for client in ("run", "stock"):
+        run_dir = tmp_path / client
+        run_dir.mkdir()
+        sub = Procs(run_dir)
+        try:
+            name = sub.socket_name()
+            ipi = sub.start_ipi(ipi_input(name, str(frame), steps=2, dt_fs=0.25, nbeads=4, batch_size=4))
+            sub.wait_for(lambda: sub.sockets[-1].exists(), "i-PI's socket", procs=[ipi])
+            if client == "run":
+                worker = sub.start_worker(["--model", tiny_model_file, "--system", frame, "--unix", name,
+                                           "--dtype", "float64"])
+            else:
+                worker = sub._start(["i-pi-py_driver", "-u", "-a", name, "-m", "custom", "-P", pes.__file__,
+                                     "-o", f"model={tiny_model_file},system={frame},dtype=float64"], "stock.log")
+            finish_run(sub, ipi, [worker])
+            forces[client] = np.stack([[f[1] for f in read_ipi_bin(run_dir / f"sim.frc_{b}.bin")] for b in range(4)])
+        finally:
+            sub.cleanup()
+    scale = np.abs(forces["run"]).max()
+    np.testing.assert_allclose(forces["stock"], forces["run"], rtol=1e-8, atol=1e-9 * scale)

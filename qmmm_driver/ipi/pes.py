@@ -29,9 +29,10 @@ class QMMMPes(Dummy_driver):
     def __init__(self, model, system, device="cpu", dtype="float32", coupling=1.0, compiled="auto", *args, **kwargs):
         import torch
 
-        from ..evaluator import ModelEvaluator, load
-        from ..nn.compile import CompiledModelError, compiled_path, load_compiled
-        from ..structures import QMMMStructure
+        # absolute imports: i-PI's driver loads this file by path, outside its package
+        from qmmm_driver.evaluator import ModelEvaluator, load
+        from qmmm_driver.nn.compile import CompiledModelError, compiled_path, load_compiled
+        from qmmm_driver.structures import QMMMStructure
 
         self.structure = QMMMStructure.read(system)
         dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
