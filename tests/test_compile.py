@@ -70,4 +70,4 @@ def test_the_worker_serves_the_compiled_model(procs, tmp_path, compiled):
     finish_run(procs, ipi, workers)
     log = procs.log(workers[0])
     assert f"compiled {package.name}" in log, log
-    assert served_counts(log) == [(10, 5)]
+    assert served_counts(log) == [(9, 5)]  # 2 beads x 5 evaluations; step 0's two identical beads evaluated once

@@ -13,7 +13,8 @@ sample() {
 sample --frames 40 --seed 43 --out "$out/ser_test.extxyz" --system-dir "$out/system"
 sample --frames 80 --seed 41 --out "$out/ser_water_a.extxyz"
 sample --frames 40 --seed 44 --charge-noise 0.15 --out "$out/ser_noise.extxyz"   # field augmentation
-for name in ser_test ser_water_a ser_noise; do
+sample --frames 60 --seed 45 --qm-noise 0.1 --out "$out/ser_stretch.extxyz"      # stretched bonds
+for name in ser_test ser_water_a ser_noise ser_stretch; do
   qmmm-driver label "$out/$name.extxyz" --out "$out/${name}_labelled.extxyz" --threads 1
   xz -T1 -c "$out/${name}_labelled.extxyz" > "examples/serine/data/$name.extxyz.xz"
 done
