@@ -34,6 +34,10 @@ def example(tmp_path, small_box, small_model_file):
 def short_input(tmp_path, template: str, steps: int, checkpoint_stride: int = 1, nbeads: int | None = None) -> Path:
     root = ET.parse(TEMPLATES / template).getroot()
     root.find("total_steps").text = f" {steps} "
+    if steps > 1000:  # a run to be interrupted: nothing but the untrained model holds the QM water together, so
+        # keep it from flying apart (in ~250 steps of 0.5 fs) before a slow machine has delivered the fault
+        for dt in root.iter("timestep"):
+            dt.text = " 0.05 "
     for out in root.find("output"):
         out.set("stride", str(checkpoint_stride) if out.tag == "checkpoint" else "1")
     if nbeads is not None:
