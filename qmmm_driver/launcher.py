@@ -486,6 +486,8 @@ def launch(args) -> int:
     run = Run(run_dir)
     run.sockets = prepared.sockets
     held = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # Ctrl-C as KeyboardInterrupt also where SIGINT came in ignored (a job started with '&' by a script)
+    held[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     code = 1
     try:
         run.start_ipi(input_name)

@@ -97,10 +97,13 @@ def test_launch_runs_to_the_end_and_cleans_up(tmp_path, example):
     assert "served" in (run_dir / "qmmm-w0.log").read_text()
 
 
-def test_ctrl_c_stops_softly_and_restart_continues(tmp_path, example):
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_stops_softly_and_restart_continues(tmp_path, example, inherited):
+    """Also when the launcher starts with SIGINT ignored (a job a script started with '&')."""
     run_dir = tmp_path / "run"
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if inherited == "ignored" else None
     proc = start([short_input(tmp_path, "md-nvt.xml", 100000), "--example", example, "--run-dir", run_dir,
-                  "--no-progress"])
+                  "--no-progress"], preexec_fn=ignore)
     wait_for_steps(run_dir, 3, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
