@@ -196,7 +196,7 @@ def test_restart_after_ipi_died_continues_from_the_periodic_checkpoint(tmp_path,
     """i-PI killed (no RESTART written): --restart takes simulation.chk, cuts the outputs back to its step, and
     the finished run has every step exactly once, in properties and trajectories."""
     run_dir = tmp_path / "run"
-    proc = start([short_input(tmp_path, "md-nvt.xml", 30, checkpoint_stride=4), "--example", example,
+    proc = start([short_input(tmp_path, "md-nvt.xml", 100000, checkpoint_stride=4), "--example", example,
                   "--run-dir", run_dir, "--no-progress"])
     wait_for_steps(run_dir, 11, proc)
     ipi = subprocess.run(["pgrep", "-f", "i-pi input.xml"], capture_output=True, text=True).stdout.split()
@@ -206,16 +206,17 @@ def test_restart_after_ipi_died_continues_from_the_periodic_checkpoint(tmp_path,
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "i-PI exited with code -9" in err, err[-3000:]
     assert not (run_dir / "RESTART").exists() and leftovers(run_dir) == []
-    res = subprocess.run(LAUNCH + ["--restart", "--example", str(example), "--run-dir", str(run_dir)],
-                         capture_output=True, text=True, timeout=300)
+    total = steps_done(run_dir)[-1] + 5  # a few steps beyond where the killed run got
+    res = subprocess.run(LAUNCH + ["--restart", "--example", str(example), "--run-dir", str(run_dir),
+                                   "--total-steps", str(total)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     chk = int(re.search(r"from simulation.chk at step (\d+)", res.stderr).group(1))
     assert chk % 4 == 0 and chk >= 8
-    assert re.search(rf"\b{chk}/30\b", res.stderr)  # the progress bar starts where the run left off
-    assert steps_done(run_dir) == list(range(31))
+    assert re.search(rf"\b{chk}/{total}\b", res.stderr)  # the progress bar starts where the run left off
+    assert steps_done(run_dir) == list(range(total + 1))
     for traj in ("simulation.pos_0.extxyz",):
         steps = [int(m) for m in re.findall(r"Step:\s+(\d+)", (run_dir / traj).read_text())]
-        assert steps == list(range(31)), traj
+        assert steps == list(range(total + 1)), traj
     assert leftovers(run_dir) == []
 
 
