@@ -113,6 +113,24 @@ def ethanol_cluster(n_mm_waters: int = 12, seed: int = 2) -> Atoms:
     return atoms
 
 
+def evaluate(model, atoms, dtype=torch.float64, params=None):
+    """The model's results (atomic units) for an ASE ``atoms`` with 'qm' and 'mm_charge' arrays."""
+    from qmmm_driver import ModelEvaluator, QMMMStructure
+
+    structure = QMMMStructure.from_atoms(atoms)
+    return ModelEvaluator(model, structure, dtype=dtype).compute(structure.positions, structure.cell, params)
+
+
+def fd_force(model, atoms, atom: int, c: int, h: float = 1e-5) -> float:
+    """Central finite difference of the energy: force on ``atom`` along ``c`` (Hartree/Bohr, step ``h`` Bohr)."""
+    from qmmm_driver.units import ANGSTROM_TO_BOHR
+
+    plus, minus = atoms.copy(), atoms.copy()
+    plus.positions[atom, c] += h / ANGSTROM_TO_BOHR
+    minus.positions[atom, c] -= h / ANGSTROM_TO_BOHR
+    return -(evaluate(model, plus).energy[0] - evaluate(model, minus).energy[0]) / (2 * h)
+
+
 def tiny_model(elements=("H", "O"), env_order: int = 3, seed: int = 0, **kw):
     """An untrained model with fixed weights and mild, non-trivial statistics."""
     from ase.data import atomic_masses, atomic_numbers

@@ -10,12 +10,7 @@ from qmmm_driver import ModelEvaluator, QMMMStructure
 from qmmm_driver.boundary import BoundaryError, check_cut_bonds, g_factor, redistribute_charges
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
-from conftest import ethanol_cluster, tiny_model
-
-
-def evaluate(model, atoms):
-    s = QMMMStructure.from_atoms(atoms)
-    return ModelEvaluator(model, s, dtype=torch.float64).compute(s.positions, s.cell)
+from conftest import ethanol_cluster, evaluate, fd_force, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +41,8 @@ def test_forces_are_minus_gradient_across_the_boundary(model, atom):
         link = atoms.positions[1] + 0.714 * (atoms.positions[0] - atoms.positions[1])
         atom = 9 + int(np.argmin(np.linalg.norm(atoms.positions[9:] - link, axis=1)))
     res = evaluate(model, atoms)
-    h = 1e-5
     for c in range(3):
-        plus, minus = atoms.copy(), atoms.copy()
-        plus.positions[atom, c] += h / ANGSTROM_TO_BOHR
-        minus.positions[atom, c] -= h / ANGSTROM_TO_BOHR
-        fd = -(evaluate(model, plus).energy[0] - evaluate(model, minus).energy[0]) / (2 * h)
-        assert fd == pytest.approx(res.forces[0, atom, c], rel=1e-5, abs=1e-8), (atom, c)
+        assert fd_force(model, atoms, atom, c) == pytest.approx(res.forces[0, atom, c], rel=1e-5, abs=1e-8), (atom, c)
     assert np.abs(res.forces[0, 0]).max() > 1e-5  # the MM partner feels the QM region through its link atom
 
 

@@ -13,7 +13,7 @@ from qmmm_driver.nn.io import ModelFileError, load_model, save_model
 from qmmm_driver.structures import StructureError
 from qmmm_driver.units import ANGSTROM_TO_BOHR, HARTREE
 
-from conftest import tiny_model, water_box, water_cluster
+from conftest import evaluate, fd_force, tiny_model, water_box, water_cluster
 
 
 def sn2_cluster(seed=3, n_mm=25, spread=1.6):
@@ -31,11 +31,6 @@ def sn2_cluster(seed=3, n_mm=25, spread=1.6):
     atoms.set_array("mm_charge", np.concatenate([np.zeros(6), np.tile([-0.834, 0.417, 0.417], n_mm)]))
     atoms.info["qm_total_charge"] = -1
     return atoms
-
-
-def evaluate(model, atoms, dtype=torch.float64, params=None):
-    structure = QMMMStructure.from_atoms(atoms)
-    return ModelEvaluator(model, structure, dtype=dtype).compute(structure.positions, structure.cell, params)
 
 
 @pytest.fixture(scope="module")
@@ -135,15 +130,10 @@ def test_forces_are_minus_gradient(env_order):
     model = tiny_model(elements=("H", "C", "O", "Cl"), env_order=env_order).double()
     atoms = sn2_cluster(n_mm=8, spread=1.2)
     res = evaluate(model, atoms)
-    h = 1e-5
     rng = np.random.default_rng(env_order)
     for a in list(range(6)) + list(rng.choice(np.arange(6, len(atoms)), 6, replace=False)):
         for c in range(3):
-            plus, minus = atoms.copy(), atoms.copy()
-            plus.positions[a, c] += h / ANGSTROM_TO_BOHR
-            minus.positions[a, c] -= h / ANGSTROM_TO_BOHR
-            fd = -(evaluate(model, plus).energy[0] - evaluate(model, minus).energy[0]) / (2 * h)
-            assert fd == pytest.approx(res.forces[0, a, c], rel=1e-5, abs=1e-8), (a, c)
+            assert fd_force(model, atoms, a, c) == pytest.approx(res.forces[0, a, c], rel=1e-5, abs=1e-8), (a, c)
 
 
 def test_cluster_forces_sum_to_zero_and_charges_to_total(model64):
@@ -244,14 +234,8 @@ def test_periodic_forces_are_minus_gradient():
     atoms = water_box()
     res = evaluate(model, atoms)
     switched = np.flatnonzero(np.abs(res.forces[0]).sum(axis=1) > 0)[-6:]
-    h = 1e-5
     for a in [0, 1, *switched.tolist()]:
-        c = 2
-        plus, minus = atoms.copy(), atoms.copy()
-        plus.positions[a, c] += h / ANGSTROM_TO_BOHR
-        minus.positions[a, c] -= h / ANGSTROM_TO_BOHR
-        fd = -(evaluate(model, plus).energy[0] - evaluate(model, minus).energy[0]) / (2 * h)
-        assert fd == pytest.approx(res.forces[0, a, c], rel=1e-5, abs=1e-9)
+        assert fd_force(model, atoms, a, 2) == pytest.approx(res.forces[0, a, 2], rel=1e-5, abs=1e-9)
 
 
 def test_model_file_round_trip(tmp_path):
