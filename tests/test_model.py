@@ -45,10 +45,11 @@ def test_short_range_neighbours_are_present():
     assert (d < 4.0).sum() >= 3
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 2e-4)])
+@pytest.mark.parametrize("dtype,tol,width", [(torch.float64, 1e-9, 0.0), (torch.float32, 2e-4, 0.0),
+                                             (torch.float64, 1e-9, 0.8)])
 @pytest.mark.parametrize("improper", [False, True])
-def test_rotation_and_reflection(dtype, tol, improper):
-    model = tiny_model(elements=("H", "C", "O", "Cl"))
+def test_rotation_and_reflection(dtype, tol, width, improper):
+    model = tiny_model(elements=("H", "C", "O", "Cl"), penetration_width=width)
     atoms = sn2_cluster()
     ref = evaluate(model, atoms, dtype)
     torch.manual_seed(11)
@@ -61,6 +62,34 @@ def test_rotation_and_reflection(dtype, tol, improper):
     assert np.abs(out.forces[0] - ref.forces[0] @ R.T).max() < tol * scale * 10
     assert np.abs(out.dipole[0] - ref.dipole[0] @ R.T).max() < tol * 10
     assert np.abs(out.qm_charges - ref.qm_charges).max() < tol * 10
+
+
+def test_penetration_is_the_potential_felt_by_a_gaussian_cloud():
+    """The penetration correction against independent oracles: the point-charge potential averaged over a million
+    samples of each QM atom's Gaussian cloud (Monte Carlo) minus the point value; its T_1 part is the exact
+    gradient of that potential with respect to the QM atom (autograd; T_1 is the gradient of the potential)."""
+    model = tiny_model(elements=("H", "O"), penetration_width=0.8).double()
+    with torch.no_grad():
+        model.penetration.copy_(torch.tensor([0.3, -0.4], dtype=torch.float64))
+    species = torch.tensor([[0, 1]])
+    qm = torch.tensor([[[0.0, 0.0, 0.0], [1.8, 0.2, -0.1]]], dtype=torch.float64, requires_grad=True)
+    near = torch.tensor([[[0.5, 0.3, -0.2], [2.9, 1.1, 0.4], [-1.0, 1.2, 0.9], [9.0, 0.0, 0.0]]], dtype=torch.float64)
+    q = torch.tensor([[0.7, -0.4, 0.25, -0.8]], dtype=torch.float64)
+    dV, dT1 = model.penetration_correction(species, qm, near, q)
+    for i in range(2):
+        grad, = torch.autograd.grad(dV[0, i], qm, retain_graph=True)
+        assert torch.allclose(dT1[0, i], grad[0, i], rtol=1e-10, atol=1e-12)
+    width = (0.8 * 2 * torch.sigmoid(model.penetration.detach()))[species[0]]
+    gen = torch.Generator().manual_seed(0)
+    unit = torch.randn(500_000, 3, generator=gen, dtype=torch.float64)
+    unit = torch.cat([unit, -unit]) / 2**0.5  # density exp(-r^2/w^2)/(pi^1.5 w^3): sigma = w/sqrt(2) per axis
+    for i in range(2):
+        centre = qm[0, i].detach()
+        def potential(points):
+            return (q[0] / (near[0][None] - points[:, None]).norm(dim=-1)).sum(-1)
+        expected = potential(centre + unit * width[i]).mean() - potential(centre[None])[0]
+        assert float(dV[0, i].detach()) == pytest.approx(float(expected), rel=0.01, abs=2e-4)
+    assert abs(float(dV[0, 0].detach())) > 0.05  # the oracle can fail: the close charge is well inside the cloud
 
 
 def test_translation_and_permutation_invariance(model64):
@@ -80,7 +109,7 @@ def test_translation_and_permutation_invariance(model64):
     assert np.allclose(out.qm_charges[0], ref.qm_charges[0][perm[:6]], atol=1e-10)
 
 
-@pytest.mark.parametrize("which", ["untrained", "shipped"])
+@pytest.mark.parametrize("which", ["untrained", "untrained with penetration", "shipped"])
 @pytest.mark.parametrize("name,charge", [("water", 0), ("sn2", -1)])
 def test_uniform_potential_shift_changes_energy_by_total_charge(name, charge, which):
     """A shell of charge far away (no field inside, a constant potential dV over the QM region) changes the
@@ -89,7 +118,9 @@ def test_uniform_potential_shift_changes_energy_by_total_charge(name, charge, wh
     if which == "shipped":
         model = load_model(MODELS / name / "model.pt").double()
     else:
-        model = tiny_model(elements=("H", "O") if name == "water" else ("H", "C", "O", "Cl")).double()
+        width = 0.8 if "penetration" in which else 0.0
+        model = tiny_model(elements=("H", "O") if name == "water" else ("H", "C", "O", "Cl"),
+                           penetration_width=width).double()
     atoms = water_cluster() if name == "water" else sn2_cluster()
     ref = evaluate(model, atoms)
     qm = np.flatnonzero(atoms.arrays["qm"])
@@ -125,9 +156,10 @@ def test_without_gauge_invariance_the_test_above_fails():
     assert abs(evaluate(model, both).energy[0] - ref.energy[0]) * HARTREE > 1e-4
 
 
-@pytest.mark.parametrize("env_order", [0, 1, 3])
-def test_forces_are_minus_gradient(env_order):
-    model = tiny_model(elements=("H", "C", "O", "Cl"), env_order=env_order).double()
+@pytest.mark.parametrize("env_order,width", [(0, 0.0), (1, 0.0), (3, 0.0), (3, 0.8)])
+def test_forces_are_minus_gradient(env_order, width):
+    """Finite differences, on QM and MM atoms; ``width``: with Gaussian QM charge clouds (penetration)."""
+    model = tiny_model(elements=("H", "C", "O", "Cl"), env_order=env_order, penetration_width=width).double()
     atoms = sn2_cluster(n_mm=8, spread=1.2)
     res = evaluate(model, atoms)
     rng = np.random.default_rng(env_order)

@@ -165,3 +165,47 @@ energy = 1000.0
     assert "epoch 2: stage 2" in res.stdout and "'energy': 1000.0" in res.stdout
     lrs = [h["lr"] for h in json.loads((tmp_path / "run" / "history.json").read_text())]
     assert lrs[:2] == [0.01, 0.01] and all(lr <= 0.002 for lr in lrs[2:])
+
+
+def test_init_starts_from_a_model_file_and_refuses_other_settings(tmp_path):
+    """Fine-tuning: ``[training] init`` starts from the file's weights and statistics, not a fresh model; a file
+    trained with other settings is refused, naming the setting."""
+    from qmmm_driver.errors import InputError
+    from qmmm_driver.nn import QMMMModel
+    from qmmm_driver.training.config import load_config
+    from qmmm_driver.training.loop import Trainer
+
+    _, frames = teacher_frames(n=12)
+    write_structures(tmp_path / "frames.extxyz", frames)
+    text = """
+[data]
+files = ["frames.extxyz"]
+split = [0.6, 0.2, 0.2]
+[model]
+channels = {channels}
+lmax = 1
+n_layers = 1
+radial_hidden = 4
+readout_hidden = 4
+[training]
+output = "run"
+epochs = 1
+batch_size = 4
+threads = 1
+init = "start.pt"
+"""
+    (tmp_path / "cfg.toml").write_text(text.format(channels=4))
+    cfg = load_config(tmp_path / "cfg.toml")
+    torch.manual_seed(5)
+    start = QMMMModel(cfg.settings(["H", "O"]))
+    with torch.no_grad():
+        start.energy_shift.copy_(torch.tensor([-0.3, -75.1], dtype=torch.float64))
+        start.energy_scale.fill_(0.02)
+    save_model(start, tmp_path / "start.pt", metadata={"statistics": {"energy_scale": 0.02}})
+    trainer = Trainer(cfg, progress=False)
+    for name, value in start.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[name].double().cpu(), value.double()), name
+    assert trainer.stats["init"].endswith("start.pt") and trainer.stats["energy_scale"] == 0.02
+    (tmp_path / "cfg.toml").write_text(text.format(channels=6))
+    with pytest.raises(InputError, match="channels: config 6, model 4"):
+        Trainer(load_config(tmp_path / "cfg.toml"), progress=False)

@@ -9,6 +9,8 @@ directly as short-range neighbours.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from e3nn import o3
 from e3nn.nn import FullyConnectedNet
@@ -73,6 +75,8 @@ class QMMMModel(torch.nn.Module):
         self.dipole_head = torch.nn.Linear(s.channels, 1, bias=False)
         if s.polarizability:
             self.polarizability_head = FullyConnectedNet([s.channels, s.readout_hidden, 1], silu)
+        if s.penetration_width > 0:  # width per element: penetration_width * 2 sigmoid(p), p = 0 to start
+            self.penetration = torch.nn.Parameter(torch.zeros(len(s.elements)))
 
         # statistics of the training data (set by the trainer, stored in the model file)
         self.register_buffer("env_scale", torch.ones(self.K + 1))
@@ -111,6 +115,22 @@ class QMMMModel(torch.nn.Module):
         out = torch.cat([torch.einsum("bnmc,bnms->bncs", weight[..., l], sh[..., l * l:(l + 1) ** 2])
                          for l in range(s.lmax + 1)], dim=-1)                           # sum over m per degree
         return out.flatten(0, 1) / self.short_neighbors
+
+    def penetration_correction(self, species: torch.Tensor, qm_pos: torch.Tensor, near_pos: torch.Tensor,
+                               near_charge: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What turns the point-charge potential [B, n] and its gradient T_1 [B, n, 3] at the QM atoms into those
+        felt by a Gaussian cloud of width w per element: ``-sum_m q_m erfc(r/w)/r`` and the gradient's change
+        (same layout as T_1, ``sum_m q_m u Y_1 / r^2`` for points), over the near MM charges."""
+        width = self.settings.penetration_width * 2.0 * torch.sigmoid(self.penetration)[species]     # [B, n]
+        vec = near_pos[:, None, :, :] - qm_pos[:, :, None, :]                                      # [B, n, m, 3]
+        r = vec.norm(dim=-1)
+        x = r / width[..., None]
+        erfc = torch.erfc(x)
+        gauss = (2.0 / math.sqrt(math.pi)) * x * torch.exp(-x * x)
+        dV = -(near_charge[:, None, :] * erfc / r).sum(dim=2)
+        # d/dr of erf(r/w)/r is -(erf - gauss)/r^2: T_1 goes from sum q u/r^2 to sum q u (erf - gauss)/r^2
+        dT1 = -(near_charge[:, None, :, None] * ((erfc + gauss) / (r * r * r))[..., None] * vec).sum(dim=2)
+        return dV, dT1
 
     def forward(self, species: torch.Tensor, qm_pos: torch.Tensor, env: torch.Tensor, total_charge: torch.Tensor,
                 near_pos: torch.Tensor | None = None, near_charge: torch.Tensor | None = None
@@ -152,13 +172,17 @@ class QMMMModel(torch.nn.Module):
         atom_energy = (self.energy_head(scalars).squeeze(-1) * self.energy_scale).view(B, n)
         charges = self._neutralise(self.charge_head(scalars).view(B, n), total_charge)
         atomic_dipoles = self.dipole_head(h[:, :, 1:4].transpose(1, 2)).view(B, n, 3)   # l = 1 is (x, y, z)
+        potential, gradient = env[:, :, 0], env[:, :, 1:4]
+        if s.penetration_width > 0:
+            dV, dT1 = self.penetration_correction(species, qm_pos, near_pos, near_charge)
+            potential, gradient = potential + dV, gradient + dT1
         if s.electrostatic_baseline:
-            atom_energy = atom_energy + charges * env[:, :, 0]
+            atom_energy = atom_energy + charges * potential
             if self.K >= 1:
-                atom_energy = atom_energy + (atomic_dipoles * env[:, :, 1:4]).sum(-1)
+                atom_energy = atom_energy + (atomic_dipoles * gradient).sum(-1)
         if s.polarizability:
             alpha = torch.nn.functional.softplus(self.polarizability_head(scalars).view(B, n))
-            atom_energy = atom_energy - 0.5 * alpha * self.polarizability_scale * (env[:, :, 1:4] ** 2).sum(-1)
+            atom_energy = atom_energy - 0.5 * alpha * self.polarizability_scale * (gradient ** 2).sum(-1)
         energy = atom_energy.sum(dim=1).to(torch.float64) + self.energy_shift[species].sum(dim=1)
         if s.gauge_invariant:
             energy = energy + (total_charge * reference).to(torch.float64)

@@ -7,8 +7,12 @@ from dataclasses import asdict, dataclass, field, fields
 #: Bohr per Angstrom, for the defaults below (the same value as qmmm_driver.units.ANGSTROM_TO_BOHR).
 ANGSTROM = 1.8897261246257702
 
+#: A Gaussian cloud of width w differs from a point charge by erfc(r/w) < 2e-8 beyond r = PENETRATION_RANGE w.
+PENETRATION_RANGE = 4.0
+
 #: Settings that configs give in Angstrom and the model keeps in Bohr.
-LENGTH_KEYS = ("cutoff", "lr_switch_on", "lr_switch_off", "mm_switch_on", "mm_switch_off", "short_range_cutoff")
+LENGTH_KEYS = ("cutoff", "lr_switch_on", "lr_switch_off", "mm_switch_on", "mm_switch_off", "short_range_cutoff",
+               "penetration_width")
 
 
 @dataclass
@@ -34,6 +38,11 @@ class ModelSettings:
       where the single-centre Taylor expansion converges slowly.
     - ``polarizability``: learned atomic polarisabilities alpha_i >= 0 add the
       induction energy ``-1/2 sum_i alpha_i |E_i|^2`` of the MM field ``E_i``.
+    - ``penetration_width`` (0: off): in the electrostatic baseline and the induction energy, every QM atom is a
+      Gaussian charge cloud of a learned width per element (up to twice this value) rather than a point, for
+      the MM charges within ``short_range_cutoff``: the potential ``erf(r/w)/r`` and its field stay finite when
+      an MM charge comes close (charge penetration), instead of the point-charge ``1/r`` that the learned part
+      would have to cancel outside its training data.
     - ``mm_switch_on``/``mm_switch_off``: the embedding switch the training frames
       were presented with; the driver uses the same for periodic cells.
     """
@@ -56,6 +65,7 @@ class ModelSettings:
     short_range: bool = True
     short_range_cutoff: float = 4.0 * ANGSTROM
     polarizability: bool = True
+    penetration_width: float = 0.0
     mm_switch_on: float = 10.0 * ANGSTROM
     mm_switch_off: float = 12.0 * ANGSTROM
 
@@ -76,6 +86,17 @@ class ModelSettings:
             raise ValueError("MM switch needs 0 < mm_switch_on < mm_switch_off")
         if not 0 < self.short_range_cutoff:
             raise ValueError("short_range_cutoff must be positive")
+        if self.penetration_width < 0:
+            raise ValueError(f"penetration_width must be >= 0 (0: point charges), got {self.penetration_width}")
+        if self.penetration_width > 0:
+            if not (self.short_range and self.electrostatic_baseline):
+                raise ValueError("penetration_width needs short_range and electrostatic_baseline (it damps the "
+                                 "baseline for the short-range MM charges)")
+            if 2 * self.penetration_width * PENETRATION_RANGE > self.short_range_cutoff:
+                raise ValueError(f"penetration_width {self.penetration_width:.3f} bohr is too wide for "
+                                 f"short_range_cutoff {self.short_range_cutoff:.3f} bohr: the clouds (up to twice "
+                                 f"the width) must decay within the cutoff (width <= cutoff / "
+                                 f"{2 * PENETRATION_RANGE:g})")
 
     def to_dict(self) -> dict:
         return asdict(self)

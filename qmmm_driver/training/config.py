@@ -35,6 +35,8 @@
     device = "auto"                          # auto, cpu, cuda, cuda:N
     dtype = "float32"
     seed = 0
+    init = ""                                # optional: start from this model file's weights and statistics
+                                             # (fine-tuning on new data; its settings must equal [model]'s)
 
     [stage2]                                 # optional: a second stage, e.g. energy-weighted fine tuning
     start_epoch = 100                        # from this epoch on, these loss weights and learning rate
@@ -68,6 +70,7 @@ class TrainingOptions:
     dtype: str = "float32"
     seed: int = 0
     threads: int = 0
+    init: str = ""
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import InputError
 from ..nn import QMMMModel
-from ..nn.io import load_model, save_model
+from ..nn.io import ModelFileError, load_model, save_model
 from ..structures import read_structures, write_atomically
 from ..units import ANGSTROM_TO_BOHR
 from .config import TrainConfig
@@ -77,13 +77,31 @@ class Trainer:
         self.rows = {name: rows_in(self.sets, self.split[name]) for name in ("train", "validation", "test")}
 
     def _build(self) -> None:
-        self.model = QMMMModel(self.settings)
-        self.stats = fit_statistics(self.model, self.sets, self.rows["train"])
+        if self.opts.init:
+            self.model, self.stats = self._initial_model(self.cfg.path(self.opts.init))
+        else:
+            self.model = QMMMModel(self.settings)
+            self.stats = fit_statistics(self.model, self.sets, self.rows["train"])
         self.model = self.model.to(self.device, self.dtype)
         self.ema = QMMMModel(self.settings).to(self.device, self.dtype)
         self.ema.load_state_dict(self.model.state_dict())
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.opts.lr, amsgrad=True)
         self.scheduler = self._new_scheduler()
+
+    def _initial_model(self, path: Path) -> tuple[QMMMModel, dict]:
+        """The model of ``[training] init`` (fine-tuning): its weights and its training statistics, kept."""
+        try:
+            model = load_model(path)
+        except ModelFileError as err:
+            raise InputError(f"[training] init: {err}") from err
+        mine, theirs = self.settings.to_dict(), model.settings.to_dict()
+        differ = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+        if differ:
+            detail = "; ".join(f"{k}: config {a!r}, model {b!r}" for k, a, b in
+                               ((k, *v) for k, v in differ.items()))
+            raise InputError(f"[training] init: {path} was trained with other model settings ({detail}); give "
+                             f"[model] the settings of the model to fine-tune")
+        return model, {**model.metadata.get("statistics", {}), "init": str(path)}
 
     def _new_scheduler(self):
         return torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, factor=self.opts.lr_factor,
