@@ -209,3 +209,43 @@ init = "start.pt"
     (tmp_path / "cfg.toml").write_text(text.format(channels=6))
     with pytest.raises(InputError, match="channels: config 6, model 4"):
         Trainer(load_config(tmp_path / "cfg.toml"), progress=False)
+
+
+def test_keep_split_keeps_earlier_frames_where_they_were(tmp_path):
+    """A fine-tuning run with new files keeps the earlier run's split for the earlier files, so that no frame the
+    starting model trained on lands in the new test set; a split that does not fit the files is refused."""
+    from qmmm_driver.errors import InputError
+    from qmmm_driver.training.config import load_config
+    from qmmm_driver.training.loop import Trainer
+
+    _, frames = teacher_frames(n=20)
+    write_structures(tmp_path / "old.extxyz", frames[:12])
+    write_structures(tmp_path / "new.extxyz", frames[12:])
+    old = {"files": ["old.extxyz"], "train": [0, 2, 3, 4, 5, 7, 8, 9, 11], "validation": [1, 10], "test": [6]}
+    (tmp_path / "old_split.json").write_text(json.dumps(old))
+    text = """
+[data]
+files = {files}
+split = [0.5, 0.25, 0.25]
+keep_split = "old_split.json"
+[model]
+channels = 4
+lmax = 1
+n_layers = 1
+radial_hidden = 4
+readout_hidden = 4
+[training]
+output = "run"
+epochs = 1
+threads = 1
+"""
+    (tmp_path / "cfg.toml").write_text(text.format(files='["old.extxyz", "new.extxyz"]'))
+    split = Trainer(load_config(tmp_path / "cfg.toml"), progress=False).split
+    for part in ("train", "validation", "test"):
+        assert [i for i in split[part] if i < 12] == old[part]
+    assert sorted(sum((split[p] for p in split), [])) == list(range(20))
+    assert len([i for i in split["test"] if i >= 12]) == 2  # the new file is split with the fractions
+    assert json.loads((tmp_path / "run" / "split.json").read_text())["test"] == split["test"]
+    (tmp_path / "cfg.toml").write_text(text.format(files='["new.extxyz", "old.extxyz"]'))
+    with pytest.raises(InputError, match="must start with"):
+        Trainer(load_config(tmp_path / "cfg.toml"), progress=False)

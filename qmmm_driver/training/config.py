@@ -6,6 +6,8 @@
     split = [0.8, 0.1, 0.1]                  # train / validation / test, by frame
     seed = 0
     mm_force_radius = 6.0                    # MM forces within this distance of a QM atom enter the loss
+    keep_split = ""                          # optional: an earlier run's split.json; its files (the first of
+                                             # 'files') keep their split, the others are split with the seed
 
     [model]                                  # ModelSettings (qmmm_driver.nn.settings); elements from the data
     env_order = 3
@@ -80,6 +82,7 @@ class DataOptions:
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     seed: int = 0
     mm_force_radius: float = 6.0
+    keep_split: str = ""
 
 
 @dataclass

@@ -60,14 +60,16 @@ class Trainer:
     # ---- setup
     def _load_data(self, resume: bool) -> None:
         cfg = self.cfg
-        self.structures = []
+        self.structures, counts = [], []
         for name in cfg.data.files:
-            self.structures += read_structures(cfg.path(name), require_labels=True)
+            frames = read_structures(cfg.path(name), require_labels=True)
+            self.structures += frames
+            counts.append(len(frames))
         split_file = self.out / "split.json"
         if resume and split_file.exists():
             self.split = json.loads(split_file.read_text())
         else:
-            self.split = split_indices(len(self.structures), tuple(cfg.data.split), cfg.data.seed)
+            self.split = self._new_split(counts)
             write_atomically(split_file, json.dumps({"files": cfg.data.files, **self.split}))
         self.settings = cfg.settings(elements_of(self.structures))
         self.loss_radius = cfg.data.mm_force_radius * ANGSTROM_TO_BOHR
@@ -75,6 +77,32 @@ class Trainer:
         self.sets = prepare(self.structures, self.settings.elements, self.settings.env_order,
                             max(self.loss_radius, short), self.loss_radius, short)
         self.rows = {name: rows_in(self.sets, self.split[name]) for name in ("train", "validation", "test")}
+
+    def _new_split(self, counts: list[int]) -> dict[str, list[int]]:
+        """Train/validation/test frames: at random with the seed, or, with ``keep_split``, the frames of the
+        files of an earlier run's split.json where they were (so that a fine-tuned model is never tested on
+        frames its starting model trained on) and the frames of the other files at random."""
+        data = self.cfg.data
+        fractions, total = tuple(data.split), sum(counts)
+        if not data.keep_split:
+            return split_indices(total, fractions, data.seed)
+        path = self.cfg.path(data.keep_split)
+        try:
+            old = json.loads(path.read_text())
+            old_files, parts = list(old["files"]), {k: list(old[k]) for k in ("train", "validation", "test")}
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise InputError(f"[data] keep_split: cannot read a split from {path}: {err}") from None
+        if data.files[:len(old_files)] != old_files:
+            raise InputError(f"[data] keep_split: {path} splits the files {old_files}; 'files' must start with "
+                             f"them, in that order (it starts with {data.files[:len(old_files)]})")
+        n_old = sum(counts[:len(old_files)])
+        if sorted(sum(parts.values(), [])) != list(range(n_old)):
+            raise InputError(f"[data] keep_split: {path} does not split the {n_old} frames its files hold now "
+                             f"(were frames added to them?)")
+        if total == n_old:
+            return parts
+        new = split_indices(total - n_old, fractions, data.seed)
+        return {k: parts[k] + [n_old + i for i in new[k]] for k in parts}
 
     def _build(self) -> None:
         if self.opts.init:
