@@ -5,7 +5,8 @@ epochs) and scores each, with `qmmm-driver train`'s own final evaluation, on the
 on the example's transfer sets (ions and a medium training never saw).
 
 - ``physics``: the original model (features see the absolute MM potential), + exact gauge invariance,
-  + short-range MM features, + atomic polarisabilities (the shipped architecture).
+  + short-range MM features, + atomic polarisabilities (the shipped architecture), + charge penetration
+  (Gaussian QM charges in the baseline, 0.4 A).
 - ``order``: K = 0 (potential), 1 (+ field), 2 (+ field gradient), 3 (+ third derivative), gauge invariant,
   with short-range features, without polarisabilities (they need the field, K >= 1).
 
@@ -33,6 +34,8 @@ PHYSICS = {
     "+gauge": {"gauge_invariant": True, "short_range": False, "polarizability": False},
     "+short-range": {"gauge_invariant": True, "short_range": True, "polarizability": False},
     "+polarizability": {"gauge_invariant": True, "short_range": True, "polarizability": True},
+    "+penetration": {"gauge_invariant": True, "short_range": True, "polarizability": True,
+                     "penetration_width": 0.4},
 }
 ORDER = {f"K={k}": {"env_order": k, "gauge_invariant": True, "short_range": True, "polarizability": False}
          for k in range(4)}

@@ -249,3 +249,33 @@ threads = 1
     (tmp_path / "cfg.toml").write_text(text.format(files='["new.extxyz", "old.extxyz"]'))
     with pytest.raises(InputError, match="must start with"):
         Trainer(load_config(tmp_path / "cfg.toml"), progress=False)
+
+
+def test_frames_far_above_their_file_median_are_left_out(tmp_path):
+    from qmmm_driver.training.config import load_config
+    from qmmm_driver.training.loop import Trainer
+    from qmmm_driver.units import HARTREE
+
+    _, frames = teacher_frames(n=12)
+    frames[4].energy += 3.0 / HARTREE   # 3 eV above the others: a badly strained frame
+    write_structures(tmp_path / "frames.extxyz", frames)
+    (tmp_path / "cfg.toml").write_text("""
+[data]
+files = ["frames.extxyz"]
+split = [0.6, 0.2, 0.2]
+max_energy_above_median = {limit}
+[model]
+channels = 4
+lmax = 1
+n_layers = 1
+radial_hidden = 4
+readout_hidden = 4
+[training]
+output = "run"
+threads = 1
+""".replace("{limit}", "2.0"))
+    trainer = Trainer(load_config(tmp_path / "cfg.toml"), progress=False)
+    assert len(trainer.structures) == 11
+    assert all(abs(s.energy - frames[4].energy) > 1e-9 for s in trainer.structures)
+    (tmp_path / "cfg.toml").write_text((tmp_path / "cfg.toml").read_text().replace("= 2.0", "= 4.0"))
+    assert len(Trainer(load_config(tmp_path / "cfg.toml"), progress=False).structures) == 12

@@ -8,6 +8,8 @@
     mm_force_radius = 6.0                    # MM forces within this distance of a QM atom enter the loss
     keep_split = ""                          # optional: an earlier run's split.json; its files (the first of
                                              # 'files') keep their split, the others are split with the seed
+    max_energy_above_median = 0.0            # eV, optional: leave out frames this far above their file's
+                                             # median energy (very distorted frames of a large --qm-noise)
 
     [model]                                  # ModelSettings (qmmm_driver.nn.settings); elements from the data
     env_order = 3
@@ -83,6 +85,7 @@ class DataOptions:
     seed: int = 0
     mm_force_radius: float = 6.0
     keep_split: str = ""
+    max_energy_above_median: float = 0.0
 
 
 @dataclass

@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..nn import QMMMModel
 from ..nn.io import ModelFileError, load_model, save_model
 from ..structures import read_structures, write_atomically
-from ..units import ANGSTROM_TO_BOHR
+from ..units import ANGSTROM_TO_BOHR, HARTREE
 from .config import TrainConfig
 from .data import batches, elements_of, prepare, rows_in, split_indices
 from .loss import loss_terms, predict, total_loss
@@ -63,6 +63,8 @@ class Trainer:
         self.structures, counts = [], []
         for name in cfg.data.files:
             frames = read_structures(cfg.path(name), require_labels=True)
+            if cfg.data.max_energy_above_median > 0:
+                frames = self._without_outliers(frames, name, cfg.data.max_energy_above_median)
             self.structures += frames
             counts.append(len(frames))
         split_file = self.out / "split.json"
@@ -77,6 +79,17 @@ class Trainer:
         self.sets = prepare(self.structures, self.settings.elements, self.settings.env_order,
                             max(self.loss_radius, short), self.loss_radius, short)
         self.rows = {name: rows_in(self.sets, self.split[name]) for name in ("train", "validation", "test")}
+
+    def _without_outliers(self, frames: list, name: str, limit_eV: float) -> list:
+        """The frames of one file whose energy is at most ``limit_eV`` above the file's median."""
+        from tqdm import tqdm
+
+        energy = np.array([f.energy for f in frames]) * HARTREE
+        keep = energy - np.median(energy) <= limit_eV
+        if not keep.all():
+            tqdm.write(f"{name}: left out {int((~keep).sum())} of {len(frames)} frames more than {limit_eV:g} eV "
+                       f"above the file's median energy (max_energy_above_median)")
+        return [f for f, k in zip(frames, keep) if k]
 
     def _new_split(self, counts: list[int]) -> dict[str, list[int]]:
         """Train/validation/test frames: at random with the seed, or, with ``keep_split``, the frames of the
