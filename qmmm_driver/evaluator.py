@@ -20,10 +20,10 @@ from typing import Mapping, Protocol
 
 import numpy as np
 import torch
-from torch.profiler import record_function
 
 from .embedding import Embedding, NonFiniteInput, Presented
 from .errors import InputError
+from .profiling import stage
 from .nn import QMMMModel
 from .nn.io import ModelFileError, load_model
 from .nn.potential import Potential
@@ -193,13 +193,13 @@ class ModelEvaluator:
                 params: Mapping[str, object] | None = None) -> Results:
         """Evaluate frames ``positions`` [B, N, 3] (or [N, 3]) with ``cells`` [B, 3, 3] (Bohr)."""
         coupling = float((params or {}).get("coupling", 1.0))
-        with record_function("qmmm:present"):
+        with stage("qmmm:present"):
             try:
                 p = self.present(positions, cells)
             except NonFiniteInput as err:
                 raise NonFiniteResult(str(err)) from err
         B = p.n_frames
-        with record_function("qmmm:model"):
+        with stage("qmmm:model"):
             # relative to each frame's first QM atom: exact by translation invariance, and kind to float32
             origin = p.qm_pos[:, :1]
             links = p.m1_pos is not None
@@ -233,7 +233,7 @@ class ModelEvaluator:
             n_qm = qm.shape[1]
             if links:  # each link atom's charge counted on its QM atom (the QM total stays exact)
                 qm_charges = qm_charges[:, :n_qm].index_add(1, self.embedding.link_q1, qm_charges[:, n_qm:])
-        with record_function("qmmm:assemble"):
+        with stage("qmmm:assemble"):
             return self._assemble(p, energy, qm.detach() + origin, mm.detach() + origin, g_qm, g_mm, qm_charges,
                                   dipole, None if m1 is None else (m1.detach() + origin, g_m1))
 
@@ -249,11 +249,11 @@ class ModelEvaluator:
         else:
             forces.scatter_add_(1, torch.where(p.mm_atom >= 0, p.mm_atom, n)[..., None].expand(-1, -1, 3), -g_mm)
             embedded = (p.mm_atom >= 0).sum(dim=1).cpu().numpy()
-        virial = -(torch.einsum("bia,bic->bac", g_qm, qm) + torch.einsum("bia,bic->bac", g_mm, mm))
+        virial = -(torch.bmm(g_qm.transpose(1, 2), qm) + torch.bmm(g_mm.transpose(1, 2), mm))
         if link is not None:
             m1_pos, g_m1 = link
             forces.index_add_(1, self.embedding.link_m1, -g_m1)
-            virial = virial - torch.einsum("bia,bic->bac", g_m1, m1_pos)
+            virial = virial - torch.bmm(g_m1.transpose(1, 2), m1_pos)
         res = Results(
             energy=energy.double().cpu().numpy(),
             forces=forces[:, :n].cpu().numpy(),

@@ -31,14 +31,13 @@ from __future__ import annotations
 import errno
 import json
 import socket
-import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import InputError
+from ..profiling import stage
 
 HDRLEN = 12
 
@@ -226,15 +225,6 @@ def parse_init(text: str | bytes) -> InitParameters:
 # --------------------------------------------------------------------------- client
 
 
-def record_function(name: str):
-    """A stage label for torch's profiler (benchmarks/profile_call.py) when torch is loaded, else nothing.
-
-    The MM worker does not load torch and should not have to for this.
-    """
-    profiler = sys.modules.get("torch.profiler")
-    return profiler.record_function(name) if profiler is not None else nullcontext()
-
-
 class IPIClient:
     """Serves one i-PI connection with an :class:`~qmmm_driver.evaluator.Evaluator`.
 
@@ -342,7 +332,7 @@ class IPIClient:
         self.initialised = True
 
     def _on_posdata(self) -> None:
-        with record_function("ipi:read"):
+        with stage("ipi:read"):
             cells = self._read_posdata()
         n = self._distinct_frames()
         pos = self._pos if n == self.batch_size else self._pos[:n]
@@ -385,7 +375,7 @@ class IPIClient:
         return self._cells
 
     def _on_getforce(self) -> None:
-        with record_function("ipi:reply"):
+        with stage("ipi:reply"):
             self._reply_forces()
 
     def _reply_forces(self) -> None:
