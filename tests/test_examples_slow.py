@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 
 from conftest import read_ipi_properties
 from qmmm_driver.launcher import MODELS, TEMPLATES
+from qmmm_driver.nn.io import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -54,7 +54,8 @@ def test_shipped_metrics_are_reproduced(example):
     """`evaluate` on a shipped model and its training run's test split reproduces the metrics stored with it."""
     folder = REPO / "examples" / example
     shipped = json.loads((folder / "test_metrics.json").read_text())
-    data = tomllib.loads((folder / "train.toml").read_text())["data"]["files"]
+    # the files of the config the shipped model was trained with (train.toml, or finetune.toml after it)
+    data = load_model(MODELS / example / "model.pt").metadata["config"]["data"]["files"]
     res = subprocess.run([sys.executable, "-m", "qmmm_driver.cli", "evaluate", "--model", str(MODELS / example / "model.pt"),
                           "--data", *[str(folder / f) for f in data], "--split", str(folder / "split.json"), "--json"],
                          capture_output=True, text=True, timeout=1800)
