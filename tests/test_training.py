@@ -277,5 +277,10 @@ threads = 1
     trainer = Trainer(load_config(tmp_path / "cfg.toml"), progress=False)
     assert len(trainer.structures) == 11
     assert all(abs(s.energy - frames[4].energy) > 1e-9 for s in trainer.structures)
+    # split.json numbers frames as in the file (for evaluate --split): the left-out frame is in no part
+    written = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert sorted(written["train"] + written["validation"] + written["test"]) == [i for i in range(12) if i != 4]
+    assert [trainer.structures[p].energy for p in trainer.split["test"]] == \
+        pytest.approx([frames[i].energy for i in written["test"]], abs=1e-9)
     (tmp_path / "cfg.toml").write_text((tmp_path / "cfg.toml").read_text().replace("= 2.0", "= 4.0"))
     assert len(Trainer(load_config(tmp_path / "cfg.toml"), progress=False).structures) == 12

@@ -127,7 +127,7 @@ def snapshot_errors(run_dir: Path, every: int) -> dict:
     from qmmm_driver.evaluator import load
     from qmmm_driver.structures import QMMMStructure, read_structures, write_structures
     from qmmm_driver.training.metrics import evaluate_structures
-    from qmmm_driver.units import ANGSTROM_TO_BOHR
+    from qmmm_driver.units import ANGSTROM_TO_BOHR, HARTREE
 
     frames_file, labelled = run_dir / "snapshots.extxyz", run_dir / "snapshots_labelled.extxyz"
     if not frames_file.exists():
@@ -144,7 +144,7 @@ def snapshot_errors(run_dir: Path, every: int) -> dict:
     model = load(HERE / "model.pt")
     metrics, pairs = evaluate_structures(model, read_structures(labelled, require_labels=True),
                                          6.0 * ANGSTROM_TO_BOHR, dtype=torch.float64)
-    return {"summary": metrics.summary(), "energy_pairs_eV": pairs["energy"].tolist()}
+    return {"summary": metrics.summary(), "energy_pairs_eV": (pairs["energy"] * HARTREE).tolist()}
 
 
 # --------------------------------------------------------------------------- 4. NVE
@@ -204,8 +204,8 @@ def main() -> None:
     ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8)
     ax.set_xlabel("PySCF energy (eV, shifted)")
     ax.set_ylabel("model energy (eV, same shift)")
-    ax.set_title(f"ML/MM snapshots: MAE {s['energy_mae_meV']:.1f} meV, mean signed "
-                 f"{s['energy_mean_signed_meV']:+.1f} meV", fontsize=9)
+    ax.set_title(f"PySCF on {s['n_frames']} ML/MM frames: MAE {s['energy_mae_meV']:.0f} meV,\n"
+                 f"mean signed {s['energy_mean_signed_meV']:+.0f} meV (points: one shift for both)", fontsize=9)
     fig.suptitle(f"serine side chain (QM, link atom at CA-CB) in TIP3P, {args.steps * 0.5 / 1000:g} ps each; "
                  f"NVE drift {summary['nve']['drift_meV_per_atom_per_ps']:.3f} meV/atom/ps", fontsize=10)
     fig.tight_layout()

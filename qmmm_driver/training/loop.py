@@ -59,20 +59,29 @@ class Trainer:
 
     # ---- setup
     def _load_data(self, resume: bool) -> None:
+        """Frames, split and training tensors. split.json numbers frames as they are in the files (all of
+        them, in the order of 'files'), so that ``qmmm-driver evaluate --split`` finds them; frames left out by
+        ``max_energy_above_median`` are in no part. ``self.split`` numbers the frames that are kept."""
         cfg = self.cfg
-        self.structures, counts = [], []
+        frames, kept, counts = [], [], []
         for name in cfg.data.files:
-            frames = read_structures(cfg.path(name), require_labels=True)
+            these = read_structures(cfg.path(name), require_labels=True)
+            keep = np.ones(len(these), dtype=bool)
             if cfg.data.max_energy_above_median > 0:
-                frames = self._without_outliers(frames, name, cfg.data.max_energy_above_median)
-            self.structures += frames
-            counts.append(len(frames))
+                keep = self._within_energy_limit(these, name, cfg.data.max_energy_above_median)
+            kept += (len(frames) + np.flatnonzero(keep)).tolist()
+            frames += these
+            counts.append(len(these))
+        self.structures = [frames[i] for i in kept]
         split_file = self.out / "split.json"
         if resume and split_file.exists():
-            self.split = json.loads(split_file.read_text())
+            in_files = json.loads(split_file.read_text())
         else:
-            self.split = self._new_split(counts)
-            write_atomically(split_file, json.dumps({"files": cfg.data.files, **self.split}))
+            in_files = self._new_split(counts, kept)
+            write_atomically(split_file, json.dumps({"files": cfg.data.files, **in_files}))
+        position = {k: p for p, k in enumerate(kept)}
+        self.split = {part: [position[k] for k in in_files[part] if k in position]
+                      for part in ("train", "validation", "test")}
         self.settings = cfg.settings(elements_of(self.structures))
         self.loss_radius = cfg.data.mm_force_radius * ANGSTROM_TO_BOHR
         short = self.settings.short_range_cutoff if self.settings.short_range else 0.0
@@ -80,8 +89,9 @@ class Trainer:
                             max(self.loss_radius, short), self.loss_radius, short)
         self.rows = {name: rows_in(self.sets, self.split[name]) for name in ("train", "validation", "test")}
 
-    def _without_outliers(self, frames: list, name: str, limit_eV: float) -> list:
-        """The frames of one file whose energy is at most ``limit_eV`` above the file's median."""
+    @staticmethod
+    def _within_energy_limit(frames: list, name: str, limit_eV: float) -> np.ndarray:
+        """Which frames of one file have an energy at most ``limit_eV`` above the file's median."""
         from tqdm import tqdm
 
         energy = np.array([f.energy for f in frames]) * HARTREE
@@ -89,33 +99,38 @@ class Trainer:
         if not keep.all():
             tqdm.write(f"{name}: left out {int((~keep).sum())} of {len(frames)} frames more than {limit_eV:g} eV "
                        f"above the file's median energy (max_energy_above_median)")
-        return [f for f, k in zip(frames, keep) if k]
+        return keep
 
-    def _new_split(self, counts: list[int]) -> dict[str, list[int]]:
-        """Train/validation/test frames: at random with the seed, or, with ``keep_split``, the frames of the
-        files of an earlier run's split.json where they were (so that a fine-tuned model is never tested on
-        frames its starting model trained on) and the frames of the other files at random."""
+    def _new_split(self, counts: list[int], kept: list[int]) -> dict[str, list[int]]:
+        """Train/validation/test frames (numbered as in the files; only ``kept`` ones): at random with the seed,
+        or, with ``keep_split``, the frames of the files of an earlier run's split.json where they were (so that
+        a fine-tuned model is never tested on frames its starting model trained on) and the frames of the
+        other files at random."""
         data = self.cfg.data
-        fractions, total = tuple(data.split), sum(counts)
-        if not data.keep_split:
-            return split_indices(total, fractions, data.seed)
-        path = self.cfg.path(data.keep_split)
-        try:
-            old = json.loads(path.read_text())
-            old_files, parts = list(old["files"]), {k: list(old[k]) for k in ("train", "validation", "test")}
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise InputError(f"[data] keep_split: cannot read a split from {path}: {err}") from None
-        if data.files[:len(old_files)] != old_files:
-            raise InputError(f"[data] keep_split: {path} splits the files {old_files}; 'files' must start with "
-                             f"them, in that order (it starts with {data.files[:len(old_files)]})")
-        n_old = sum(counts[:len(old_files)])
-        if sorted(sum(parts.values(), [])) != list(range(n_old)):
-            raise InputError(f"[data] keep_split: {path} does not split the {n_old} frames its files hold now "
-                             f"(were frames added to them?)")
-        if total == n_old:
-            return parts
-        new = split_indices(total - n_old, fractions, data.seed)
-        return {k: parts[k] + [n_old + i for i in new[k]] for k in parts}
+        fractions = tuple(data.split)
+        n_old, parts = 0, {"train": [], "validation": [], "test": []}
+        if data.keep_split:
+            path = self.cfg.path(data.keep_split)
+            try:
+                old = json.loads(path.read_text())
+                old_files, parts = list(old["files"]), {k: list(old[k]) for k in parts}
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise InputError(f"[data] keep_split: cannot read a split from {path}: {err}") from None
+            if data.files[:len(old_files)] != old_files:
+                raise InputError(f"[data] keep_split: {path} splits the files {old_files}; 'files' must start "
+                                 f"with them, in that order (it starts with {data.files[:len(old_files)]})")
+            n_old = sum(counts[:len(old_files)])
+            listed = sorted(sum(parts.values(), []))
+            if len(set(listed)) != len(listed) or (listed and not 0 <= listed[0] <= listed[-1] < n_old):
+                raise InputError(f"[data] keep_split: {path} does not split the {n_old} frames its files hold "
+                                 f"now (were frames added to them?)")
+            kept_set = set(kept)
+            parts = {k: [i for i in v if i in kept_set] for k, v in parts.items()}
+        new = [k for k in kept if k >= n_old]
+        if new:
+            chosen = split_indices(len(new), fractions, data.seed)
+            parts = {k: parts[k] + [new[i] for i in chosen[k]] for k in parts}
+        return parts
 
     def _build(self) -> None:
         if self.opts.init:
