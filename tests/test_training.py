@@ -33,6 +33,16 @@ def teacher_frames(n=24, seed=0):
     return teacher, frames
 
 
+#: the smallest model section of a training config (a few seconds per run)
+TINY_MODEL = """[model]
+channels = 4
+lmax = 1
+n_layers = 1
+radial_hidden = 4
+readout_hidden = 4
+"""
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "qmmm_driver.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=600)
@@ -143,13 +153,7 @@ def test_stage2_switches_loss_weights_and_caps_lr(tmp_path):
 [data]
 files = ["frames.extxyz"]
 split = [0.6, 0.2, 0.2]
-[model]
-channels = 4
-lmax = 1
-n_layers = 1
-radial_hidden = 4
-readout_hidden = 4
-[training]
+""" + TINY_MODEL + """[training]
 output = "run"
 epochs = 4
 batch_size = 4
@@ -228,13 +232,7 @@ def test_keep_split_keeps_earlier_frames_where_they_were(tmp_path):
 files = {files}
 split = [0.5, 0.25, 0.25]
 keep_split = "old_split.json"
-[model]
-channels = 4
-lmax = 1
-n_layers = 1
-radial_hidden = 4
-readout_hidden = 4
-[training]
+""" + TINY_MODEL + """[training]
 output = "run"
 epochs = 1
 threads = 1
@@ -263,17 +261,11 @@ def test_frames_far_above_their_file_median_are_left_out(tmp_path):
 [data]
 files = ["frames.extxyz"]
 split = [0.6, 0.2, 0.2]
-max_energy_above_median = {limit}
-[model]
-channels = 4
-lmax = 1
-n_layers = 1
-radial_hidden = 4
-readout_hidden = 4
-[training]
+max_energy_above_median = 2.0
+""" + TINY_MODEL + """[training]
 output = "run"
 threads = 1
-""".replace("{limit}", "2.0"))
+""")
     trainer = Trainer(load_config(tmp_path / "cfg.toml"), progress=False)
     assert len(trainer.structures) == 11
     assert all(abs(s.energy - frames[4].energy) > 1e-9 for s in trainer.structures)

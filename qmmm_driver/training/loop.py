@@ -153,8 +153,7 @@ class Trainer:
         mine, theirs = self.settings.to_dict(), model.settings.to_dict()
         differ = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
         if differ:
-            detail = "; ".join(f"{k}: config {a!r}, model {b!r}" for k, a, b in
-                               ((k, *v) for k, v in differ.items()))
+            detail = "; ".join(f"{k}: config {a!r}, model {b!r}" for k, (a, b) in differ.items())
             raise InputError(f"[training] init: {path} was trained with other model settings ({detail}); give "
                              f"[model] the settings of the model to fine-tune")
         return model, {**model.metadata.get("statistics", {}), "init": str(path)}
