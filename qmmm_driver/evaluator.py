@@ -23,10 +23,10 @@ import torch
 
 from .embedding import Embedding, NonFiniteInput, Presented
 from .errors import InputError
-from .profiling import stage
 from .nn import QMMMModel
 from .nn.io import ModelFileError, load_model
 from .nn.potential import Potential
+from .profiling import stage
 from .structures import QMMMStructure, StructureError
 
 

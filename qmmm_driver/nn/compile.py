@@ -137,7 +137,7 @@ class CompiledPotential:
     """
 
     def __init__(self, package):
-        self.package = package
+        self.package = package  # owns the loaded library the runner lives in
         self._run = package.loader.boxed_run
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
