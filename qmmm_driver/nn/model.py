@@ -17,7 +17,7 @@ from e3nn.nn import FullyConnectedNet
 
 from .blocks import InteractionBlock, RadialBasis, degree_index, switch
 from .multipoles import irregular_harmonics
-from .settings import ModelSettings
+from .settings import PENETRATION_MAX_FACTOR, ModelSettings
 
 
 def receiver_major_pairs(n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +75,7 @@ class QMMMModel(torch.nn.Module):
         self.dipole_head = torch.nn.Linear(s.channels, 1, bias=False)
         if s.polarizability:
             self.polarizability_head = FullyConnectedNet([s.channels, s.readout_hidden, 1], silu)
-        if s.penetration_width > 0:  # width per element: penetration_width * 2 sigmoid(p), p = 0 to start
+        if s.penetration_width > 0:  # width per element: penetration_width * PENETRATION_MAX_FACTOR * sigmoid(p), p = 0 to start
             self.penetration = torch.nn.Parameter(torch.zeros(len(s.elements)))
 
         # statistics of the training data (set by the trainer, stored in the model file)
@@ -104,26 +104,25 @@ class QMMMModel(torch.nn.Module):
         """Charges [B, n] shifted equally so that each frame sums to ``total_charge`` [B]."""
         return q + ((total_charge - q.sum(dim=1)) / q.shape[1])[:, None]
 
-    def short_range_features(self, qm_pos: torch.Tensor, near_pos: torch.Tensor,
-                             near_charge: torch.Tensor) -> torch.Tensor:
-        """``s_i = sum_m q_m R(r_im) Y(r_im) / <m>``: [B n, C, S], a channel-wise radial weight per degree."""
+    def short_range_features(self, vec: torch.Tensor, r: torch.Tensor, near_charge: torch.Tensor) -> torch.Tensor:
+        """``s_i = sum_m q_m R(r_im) Y(r_im) / <m>``: [B n, C, S], a channel-wise radial weight per degree, for
+        the vectors ``vec`` [B, n, m, 3] from the QM atoms to the near MM charges and their lengths ``r``."""
         s = self.settings
-        vec = near_pos[:, None, :, :] - qm_pos[:, :, None, :]                          # [B, n, m, 3]
-        weight = self.short_radial(self.short_basis(vec.norm(dim=-1))) * near_charge[:, None, :, None]
+        weight = self.short_radial(self.short_basis(r)) * near_charge[:, None, :, None]
         weight = weight.unflatten(-1, (s.channels, s.lmax + 1))                         # [B, n, m, C, l]
         sh = self.edge_harmonics(vec)                                                   # [B, n, m, S]
         out = torch.cat([torch.einsum("bnmc,bnms->bncs", weight[..., l], sh[..., l * l:(l + 1) ** 2])
                          for l in range(s.lmax + 1)], dim=-1)                           # sum over m per degree
         return out.flatten(0, 1) / self.short_neighbors
 
-    def penetration_correction(self, species: torch.Tensor, qm_pos: torch.Tensor, near_pos: torch.Tensor,
+    def penetration_correction(self, species: torch.Tensor, vec: torch.Tensor, r: torch.Tensor,
                                near_charge: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What turns the point-charge potential [B, n] and its gradient T_1 [B, n, 3] at the QM atoms into those
         felt by a Gaussian cloud of width w per element: ``-sum_m q_m erfc(r/w)/r`` and the gradient's change
-        (same layout as T_1, ``sum_m q_m u Y_1 / r^2`` for points), over the near MM charges."""
-        width = self.settings.penetration_width * 2.0 * torch.sigmoid(self.penetration)[species]     # [B, n]
-        vec = near_pos[:, None, :, :] - qm_pos[:, :, None, :]                                      # [B, n, m, 3]
-        r = vec.norm(dim=-1)
+        (same layout as T_1, ``sum_m q_m u Y_1 / r^2`` for points), over the near MM charges (``vec`` [B, n, m,
+        3] from the QM atoms to them, lengths ``r``)."""
+        widest = self.settings.penetration_width * PENETRATION_MAX_FACTOR
+        width = widest * torch.sigmoid(self.penetration)[species]                                   # [B, n]
         x = r / width[..., None]
         erfc = torch.erfc(x)
         gauss = (2.0 / math.sqrt(math.pi)) * x * torch.exp(-x * x)
@@ -153,7 +152,10 @@ class QMMMModel(torch.nn.Module):
         flat_src = (src[None, :] + n * torch.arange(B, device=qm_pos.device)[:, None]).flatten()
         if s.long_range:
             lr_harm = irregular_harmonics(vec, self.K) * (1.0 - switch(r, s.lr_switch_on, s.lr_switch_off))[..., None]
-        short = self.short_range_features(qm_pos, near_pos, near_charge) if s.short_range else None
+        if s.short_range:  # QM atom -> near MM charge, shared by the short-range features and penetration
+            near_vec = near_pos[:, None, :, :] - qm_pos[:, :, None, :]                  # [B, n, m, 3]
+            near_r = near_vec.norm(dim=-1)
+        short = self.short_range_features(near_vec, near_r, near_charge) if s.short_range else None
         env_flat = env.flatten(0, 1)
         inv_scale = (1.0 / self.env_scale)[self.env_degrees]
 
@@ -174,7 +176,7 @@ class QMMMModel(torch.nn.Module):
         atomic_dipoles = self.dipole_head(h[:, :, 1:4].transpose(1, 2)).view(B, n, 3)   # l = 1 is (x, y, z)
         potential, gradient = env[:, :, 0], env[:, :, 1:4]
         if s.penetration_width > 0:
-            dV, dT1 = self.penetration_correction(species, qm_pos, near_pos, near_charge)
+            dV, dT1 = self.penetration_correction(species, near_vec, near_r, near_charge)
             potential, gradient = potential + dV, gradient + dT1
         if s.electrostatic_baseline:
             atom_energy = atom_energy + charges * potential

@@ -9,6 +9,8 @@ ANGSTROM = 1.8897261246257702
 
 #: A Gaussian cloud of width w differs from a point charge by erfc(r/w) < 2e-8 beyond r = PENETRATION_RANGE w.
 PENETRATION_RANGE = 4.0
+#: The learned width of an element's cloud lies between 0 and this times ``penetration_width``.
+PENETRATION_MAX_FACTOR = 2.0
 
 #: Settings that configs give in Angstrom and the model keeps in Bohr.
 LENGTH_KEYS = ("cutoff", "lr_switch_on", "lr_switch_off", "mm_switch_on", "mm_switch_off", "short_range_cutoff",
@@ -92,11 +94,11 @@ class ModelSettings:
             if not (self.short_range and self.electrostatic_baseline):
                 raise ValueError("penetration_width needs short_range and electrostatic_baseline (it damps the "
                                  "baseline for the short-range MM charges)")
-            if 2 * self.penetration_width * PENETRATION_RANGE > self.short_range_cutoff:
+            if PENETRATION_MAX_FACTOR * self.penetration_width * PENETRATION_RANGE > self.short_range_cutoff:
                 raise ValueError(f"penetration_width {self.penetration_width:.3f} bohr is too wide for "
-                                 f"short_range_cutoff {self.short_range_cutoff:.3f} bohr: the clouds (up to twice "
-                                 f"the width) must decay within the cutoff (width <= cutoff / "
-                                 f"{2 * PENETRATION_RANGE:g})")
+                                 f"short_range_cutoff {self.short_range_cutoff:.3f} bohr: the clouds (up to "
+                                 f"{PENETRATION_MAX_FACTOR:g} times the width) must decay within the cutoff "
+                                 f"(width <= cutoff / {PENETRATION_MAX_FACTOR * PENETRATION_RANGE:g})")
 
     def to_dict(self) -> dict:
         return asdict(self)
