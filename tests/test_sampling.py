@@ -59,3 +59,44 @@ def test_charge_noise_scales_molecules_as_a_whole(serine_sampler):
     neutral = np.abs(plain.mm_charge[rows].sum(axis=1)) < 1e-9
     assert neutral.sum() > 100
     assert np.abs(noisy.mm_charge[rows[neutral]].sum(axis=1)).max() < 1e-9  # a neutral molecule stays neutral
+
+
+@pytest.mark.parametrize("name", ["methanol", "acetonitrile", "acetone"])
+def test_solvent_molecule_matches_its_force_field(name):
+    """The packed molecule is the force field's: neutral, its bonds at the force field's lengths (a typo in a
+    template or an XML file shows here, not as a blown-up sampling run)."""
+    import xml.etree.ElementTree as ET
+
+    from qmmm_driver.mm.systems import SOLVENTS, _template_bonds
+
+    solvent = SOLVENTS[name]
+    root = ET.parse(solvent.forcefield).getroot()
+    residue = next(r for r in root.iter("Residue") if r.get("name") == solvent.residue)
+    types = {a.get("name"): a.get("type") for a in residue.iter("Atom")}
+    classes = {t.get("name"): t.get("class") for t in root.iter("Type")}
+    assert sum(float(a.get("charge")) for a in residue.iter("Atom")) == pytest.approx(0.0, abs=1e-9)
+    assert sorted(types) == sorted(a[0] for a in solvent.atoms)
+    length = {frozenset((b.get("class1"), b.get("class2"))): 10.0 * float(b.get("length"))
+              for b in root.iter("Bond") if b.get("class1")}
+    xyz = {a[0]: np.array(a[2:], dtype=float) for a in solvent.atoms}
+    for a, b in _template_bonds(solvent):
+        r0 = length[frozenset((classes[types[a]], classes[types[b]]))]
+        assert np.linalg.norm(xyz[a] - xyz[b]) == pytest.approx(r0, abs=0.02), (a, b)
+
+
+def test_sampler_starts_at_thermal_speeds_after_minimisation():
+    """OpenMM offsets leapfrog velocities by half a step of force: drawn before the minimisation of a freshly
+    packed box they were thousands of nm/ps for atoms in contact (acetone blew up in its first steps)."""
+    from openmm import unit
+
+    from qmmm_driver.mm.sampling import Sampler
+    from qmmm_driver.mm.systems import build_setup, water_solute
+
+    setup = build_setup(water_solute(), seed=1, solvent="acetone")
+    sampler = Sampler(setup, temperature=300.0, dt_fs=1.0, seed=1, r_on_A=10.0, r_off_A=12.0)
+    sampler.minimize()
+    v = sampler.sim.context.getState(getVelocities=True).getVelocities(asNumpy=True).value_in_unit(
+        unit.nanometer / unit.picosecond)
+    assert np.linalg.norm(v, axis=1).max() < 15.0  # 300 K hydrogen: 1.6 nm/ps per component
+    sampler.run(0.05)
+    assert np.isfinite(sampler.positions_A()).all()

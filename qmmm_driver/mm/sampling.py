@@ -31,7 +31,8 @@ from ..units import ANGSTROM_TO_BOHR
 
 HOLD_K = 50000.0          # kJ/mol/nm^2: about 0.07 A thermal spread per coordinate at 300 K
 ION_RESTRAINT_K = 1000.0  # kJ/mol/A^2: flat-bottom walls of the ion distance
-SOLVENT_LABELS = {"water": "TIP3P (amber14)", "methanol": "OPLS-AA methanol", "acetonitrile": "OPLS-AA acetonitrile"}
+SOLVENT_LABELS = {"water": "TIP3P (amber14)", "methanol": "OPLS-AA methanol", "acetonitrile": "OPLS-AA acetonitrile",
+                  "acetone": "OPLS-AA acetone"}
 
 
 def ion_restraint(ion: int, qm: list[int], lo_A: float, hi_A: float):
@@ -94,7 +95,8 @@ class Sampler:
         platform = openmm.Platform.getPlatformByName("CPU")
         self.sim = app.Simulation(setup.topology, system, integrator, platform, {"Threads": str(threads)})
         self.sim.context.setPositions(setup.positions * unit.nanometer)
-        self.sim.context.setVelocitiesToTemperature(temperature * unit.kelvin, int(self.rng.integers(1, 2**31 - 1)))
+        self._velocity_seed = int(self.rng.integers(1, 2**31 - 1))
+        self.sim.context.setVelocitiesToTemperature(temperature * unit.kelvin, self._velocity_seed)
         self.dt_ps = dt_fs / 1000.0
         self.structure = setup.structure()
         self.embedding = Embedding(self.structure, r_on_A * ANGSTROM_TO_BOHR, r_off_A * ANGSTROM_TO_BOHR)
@@ -139,7 +141,13 @@ class Sampler:
         self.time_ps += ps
 
     def minimize(self) -> None:
+        """Minimise, then draw velocities again: OpenMM offsets the velocities of its leapfrog integrators by
+        half a step of the current forces, which before minimisation (molecules packed into contact) can be
+        thousands of nm/ps and blow the first steps up."""
+        from openmm import unit
+
         self.sim.minimizeEnergy(maxIterations=500)
+        self.sim.context.setVelocitiesToTemperature(self.temperature * unit.kelvin, self._velocity_seed)
 
     def write_system(self, directory) -> dict:
         """Write the current configuration as the system files of an i-PI run (``MMSetup.write``)."""
