@@ -26,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output frames (extended XYZ, appended)")
     parser.add_argument("--frames", type=int, required=True, help="number of frames")
     parser.add_argument("--solvent", default="water", help="water (TIP3P), methanol, acetonitrile or acetone (OPLS-AA)")
-    parser.add_argument("--ion", default=None, help="add one MM ion: Na+, K+, Li+, Mg2+, Ca2+, Zn2+, F-, Cl-, Br-")
+    parser.add_argument("--ion", default=None, help="add one MM ion of amber14's set: Li+, Na+, K+, Rb+, Cs+, Mg2+, Ca2+, Zn2+, Sr2+, Ba2+, F-, Cl-, Br-")
     parser.add_argument("--ion-distance", default="3.0:6.0",
                         help="LO:HI, A: flat-bottom range of the ion's distance to the nearest QM atom "
                              "(default 3.0:6.0; 1.8:3.0 holds a cation in the first shell of a QM water)")

@@ -87,8 +87,10 @@ SOLVENTS = {
 
 #: Ions of ``qmmm-driver sample --ion``: residue/atom name in amber14/tip3p.xml, element, charge (e).
 IONS = {
-    "Li+": ("LI", "Li", 1), "Na+": ("NA", "Na", 1), "K+": ("K", "K", 1),
-    "Mg2+": ("MG", "Mg", 2), "Ca2+": ("CA", "Ca", 2), "Zn2+": ("ZN", "Zn", 2),
+    "Li+": ("LI", "Li", 1), "Na+": ("NA", "Na", 1), "K+": ("K", "K", 1), "Rb+": ("RB", "Rb", 1),
+    "Cs+": ("CS", "Cs", 1),
+    "Mg2+": ("MG", "Mg", 2), "Ca2+": ("CA", "Ca", 2), "Zn2+": ("ZN", "Zn", 2), "Sr2+": ("SR", "Sr", 2),
+    "Ba2+": ("BA", "Ba", 2),
     "F-": ("F", "F", -1), "Cl-": ("CL", "Cl", -1), "Br-": ("BR", "Br", -1),
 }
 
