@@ -17,6 +17,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--out", type=Path, default=None, help="package path (default: beside the model)")
+    parser.add_argument("--tune", action="store_true",
+                        help="time each matrix product against generated kernels and keep the faster (a compile "
+                             "a few times longer; the shipped packages are tuned)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -37,8 +40,9 @@ def main(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     model = load(args.model, device)
     out = args.out or compiled_path(args.model, n_qm, device, dtype)
-    print(f"compiling {args.model} for {n_qm} QM atoms on {device.type} ({args.dtype}); this takes minutes")
+    print(f"compiling {args.model} for {n_qm} QM atoms on {device.type} ({args.dtype}"
+          f"{', tuned' if args.tune else ''}); this takes minutes")
     started = time.time()
-    compile_model(model, model.checksum, n_qm, out, device, dtype)
+    compile_model(model, model.checksum, n_qm, out, device, dtype, tune=args.tune)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.time() - started:.0f} s")
     return 0

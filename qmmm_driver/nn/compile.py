@@ -110,14 +110,24 @@ def export_potential(model: QMMMModel, n_qm: int, device="cpu", dtype=torch.floa
 
 
 def compile_model(model: QMMMModel, checksum: str, n_qm: int, path: str | Path, device="cpu",
-                  dtype=torch.float32) -> Path:
-    """Compile the model for frames of ``n_qm`` QM atoms into the package ``path`` (minutes on a CPU)."""
+                  dtype=torch.float32, tune: bool = False) -> Path:
+    """Compile the model for frames of ``n_qm`` QM atoms into the package ``path`` (minutes on a CPU).
+
+    ``tune``: time every matrix product of the graph against generated code (on a CPU, inductor's C++
+    micro-kernels, which skip the library call and its packing for the small matrices of a QM region) and keep
+    the faster; the compile takes a few times longer. Epilogue fusion is off then (torch 2.13's batched-product
+    template fails on some fused epilogues).
+    """
     import torch._inductor
 
     program = export_potential(model, n_qm, device, dtype)
     metadata = {"model_checksum": checksum, "n_qm": str(n_qm), "dtype": str(dtype),
                 "device": torch.device(device).type, "torch_version": torch.__version__}
     configs = {"aot_inductor.metadata": metadata}
+    if tune:
+        configs.update({"max_autotune": True, "epilogue_fusion": False})
+        if torch.device(device).type == "cpu":
+            configs["max_autotune_gemm_backends"] = "CPP,ATEN"
     if torch.device(device).type == "cpu" and platform.machine() in ("x86_64", "AMD64"):
         configs["cpp.march"] = "x86-64-v3"
     path = Path(path)

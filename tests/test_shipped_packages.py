@@ -1,0 +1,29 @@
+"""The compiled packages shipped beside the water and SN2 models (tuned AOTInductor builds) give the eager
+models' energies, forces and charges on their own systems, one frame and a batch."""
+
+import numpy as np
+import pytest
+import torch
+
+from qmmm_driver.evaluator import ModelEvaluator, load
+from qmmm_driver.launcher import MODELS
+from qmmm_driver.nn.compile import compiled_path, load_compiled
+from qmmm_driver.structures import QMMMStructure
+
+
+@pytest.mark.parametrize("name", ["water", "sn2"])
+def test_shipped_package_equals_eager_model(name):
+    structure = QMMMStructure.read(MODELS / name / "system.extxyz")
+    model_path = MODELS / name / "model.pt"
+    model = load(model_path)
+    package = compiled_path(model_path, structure.n_qm, "cpu", torch.float32)
+    runner = load_compiled(package, model.checksum, structure.n_qm, "cpu", torch.float32)
+    eager, fast = ModelEvaluator(model, structure), ModelEvaluator(model, structure, compiled=runner)
+    rng = np.random.default_rng(1)
+    for batch in (1, 3):
+        pos = structure.positions + rng.normal(scale=0.05, size=(batch,) + structure.positions.shape)
+        cells = np.repeat(structure.cell[None], batch, 0)
+        a, b = eager.compute(pos, cells), fast.compute(pos, cells)
+        assert np.allclose(a.energy, b.energy, rtol=0, atol=2e-5)           # Hartree: 0.5 meV
+        assert np.abs(a.forces - b.forces).max() < 1e-4 * np.abs(a.forces).max()
+        assert np.allclose(a.qm_charges, b.qm_charges, atol=1e-5)
