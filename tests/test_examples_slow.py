@@ -54,7 +54,7 @@ def test_shipped_metrics_are_reproduced(example):
     """`evaluate` on a shipped model and its training run's test split reproduces the metrics stored with it."""
     folder = REPO / "examples" / example
     shipped = json.loads((folder / "test_metrics.json").read_text())
-    # the files of the config the shipped model was trained with (train.toml, or finetune.toml after it)
+    # the files of the config the shipped model was trained with (the last of its fine-tuning runs)
     data = load_model(MODELS / example / "model.pt").metadata["config"]["data"]["files"]
     res = subprocess.run([sys.executable, "-m", "qmmm_driver.cli", "evaluate", "--model", str(MODELS / example / "model.pt"),
                           "--data", *[str(folder / f) for f in data], "--split", str(folder / "split.json"), "--json"],

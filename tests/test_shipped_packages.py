@@ -27,3 +27,19 @@ def test_shipped_package_equals_eager_model(name):
         assert np.allclose(a.energy, b.energy, rtol=0, atol=2e-5)           # Hartree: 0.5 meV
         assert np.abs(a.forces - b.forces).max() < 1e-4 * np.abs(a.forces).max()
         assert np.allclose(a.qm_charges, b.qm_charges, atol=1e-5)
+
+
+def test_a_package_that_disagrees_with_its_model_is_refused():
+    """compile_model checks every package against the eager model before writing it (a tuned compile of torch
+    2.13 once produced a package that gave wrong gradients): the check passes for the shipped water package
+    and refuses it for a model whose weights differ slightly."""
+    from qmmm_driver.nn.compile import CompiledModelError, verify_package
+
+    model_path = MODELS / "water" / "model.pt"
+    model = load(model_path)
+    package = compiled_path(model_path, 3, "cpu", torch.float32)
+    verify_package(model, package, model.checksum, 3)
+    with torch.no_grad():
+        model.energy_head[0].weight.mul_(1.05)
+    with pytest.raises(CompiledModelError, match="disagrees with the eager model"):
+        verify_package(model, package, model.checksum, 3)

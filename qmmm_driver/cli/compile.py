@@ -27,7 +27,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ..errors import InputError
     from ..evaluator import load
-    from ..nn.compile import compile_model, compiled_path
+    from ..nn.compile import CompiledModelError, compile_model, compiled_path
     from ..parallel import select_device
     from ..structures import QMMMStructure
 
@@ -43,6 +43,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"compiling {args.model} for {n_qm} QM atoms on {device.type} ({args.dtype}"
           f"{', tuned' if args.tune else ''}); this takes minutes")
     started = time.time()
-    compile_model(model, model.checksum, n_qm, out, device, dtype, tune=args.tune)
+    try:
+        compile_model(model, model.checksum, n_qm, out, device, dtype, tune=args.tune)
+    except CompiledModelError as err:  # the compiler's output failed the check against the eager model
+        raise InputError(str(err)) from None
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {time.time() - started:.0f} s")
     return 0

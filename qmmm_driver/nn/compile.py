@@ -134,8 +134,41 @@ def compile_model(model: QMMMModel, checksum: str, n_qm: int, path: str | Path, 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.pt2")
     torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
+    try:
+        verify_package(model, tmp, checksum, n_qm, device, dtype)
+    except CompiledModelError:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
     return path
+
+
+def verify_package(model: QMMMModel, path: str | Path, checksum: str, n_qm: int, device="cpu",
+                   dtype=torch.float32) -> None:
+    """Run the package and the eager :class:`Potential` on the same frames (batches of 1, 3 and 11, MM counts
+    61 and 7) and raise :class:`CompiledModelError` where any output differs beyond float rounding, or where the
+    package fails: a compiler can miscompile (torch 2.13's tuned matrix-product kernels did, for 6 QM atoms)."""
+    runner = load_compiled(path, checksum, n_qm, device, dtype)
+    eager = Potential(model.to(device, dtype).eval())
+    inputs = _example_inputs(model, n_qm, device, dtype)
+    names = ["energy", "dE/dqm", "dE/dmm", "dE/dcharge", "charges", "dipole"]
+    for B, M in ((1, 61), (3, 7), (inputs[0].shape[0], 61)):
+        frames = [t[:B] for t in inputs]
+        frames[2], frames[3] = frames[2][:, :M].contiguous(), frames[3][:, :M].contiguous()
+        frames[4] = frames[4] % M
+        try:
+            got = runner(*frames)
+        except Exception as err:  # noqa: BLE001 - any failure of the package is a refusal
+            raise CompiledModelError(f"compiled package {path} fails on {B} frame(s): {err}") from err
+        ref = eager(*frames)
+        for name, a, b in zip(names, got, ref):
+            scale = float(b.abs().max()) + 1.0
+            if not torch.isfinite(a).all() or float((a.double() - b.double()).abs().max()) > 1e-3 * scale:
+                raise CompiledModelError(
+                    f"compiled package {path} disagrees with the eager model ({name}, {B} frame(s), {M} MM "
+                    f"charges: max difference {float((a.double() - b.double()).abs().max()):.3g} for values up to "
+                    f"{scale - 1.0:.3g}); it was not written: compile again without --tune, or report the torch "
+                    f"version")
 
 
 class CompiledPotential:
