@@ -3,8 +3,9 @@
 The QM region is a water (``--solute water``, the default) or a solute from a
 PDB file with its force field (``--solute X.pdb --solute-forcefield X.xml
 --qm-charge Q``), all of it or the atoms ``--qm`` selects (bonds the selection
-cuts get link atoms, :mod:`qmmm_driver.boundary`), solvated in water (TIP3P), methanol, acetonitrile or acetone (OPLS-AA),
-optionally next to one ion held at a distance range from the nearest QM atom,
+cuts get link atoms, :mod:`qmmm_driver.boundary`), solvated in water (TIP3P),
+methanol, acetonitrile or acetone (OPLS-AA), optionally next to one ion held at
+a distance range from the nearest QM atom,
 optionally with charge noise (field augmentation).
 """
 
@@ -25,8 +26,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qm-charge", type=int, default=0, help="total charge of the QM region (default 0)")
     parser.add_argument("--out", required=True, type=Path, help="output frames (extended XYZ, appended)")
     parser.add_argument("--frames", type=int, required=True, help="number of frames")
-    parser.add_argument("--solvent", default="water", help="water (TIP3P), methanol, acetonitrile or acetone (OPLS-AA)")
-    parser.add_argument("--ion", default=None, help="add one MM ion of amber14's set: Li+, Na+, K+, Rb+, Cs+, Mg2+, Ca2+, Zn2+, Sr2+, Ba2+, F-, Cl-, Br-")
+    parser.add_argument("--solvent", default="water",
+                        help="water (TIP3P), methanol, acetonitrile or acetone (OPLS-AA)")
+    parser.add_argument("--ion", default=None,
+                        help="add one MM ion of amber14's set: Li+, Na+, K+, Rb+, Cs+, Mg2+, Ca2+, Zn2+, Sr2+, Ba2+, "
+                             "F-, Cl-, Br-")
     parser.add_argument("--ion-distance", default="3.0:6.0",
                         help="LO:HI, A: flat-bottom range of the ion's distance to the nearest QM atom "
                              "(default 3.0:6.0; 1.8:3.0 holds a cation in the first shell of a QM water)")
