@@ -1,5 +1,6 @@
-"""The compiled packages shipped beside the water and SN2 models (tuned AOTInductor builds) give the eager
-models' energies, forces and charges on their own systems, one frame and a batch."""
+"""The compiled packages shipped beside the water and SN2 models (AOTInductor; water's tuned) give the eager
+models' energies, forces and charges on their own systems, one frame and a batch; a package that disagrees with
+its model is refused."""
 
 import numpy as np
 import pytest

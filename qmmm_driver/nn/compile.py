@@ -162,13 +162,13 @@ def verify_package(model: QMMMModel, path: str | Path, checksum: str, n_qm: int,
             raise CompiledModelError(f"compiled package {path} fails on {B} frame(s): {err}") from err
         ref = eager(*frames)
         for name, a, b in zip(names, got, ref):
-            scale = float(b.abs().max()) + 1.0
-            if not torch.isfinite(a).all() or float((a.double() - b.double()).abs().max()) > 1e-3 * scale:
+            size = float(b.abs().max())
+            difference = float((a.double() - b.double()).abs().max())
+            if not torch.isfinite(a).all() or difference > 1e-3 * (size + 1.0):
                 raise CompiledModelError(
                     f"compiled package {path} disagrees with the eager model ({name}, {B} frame(s), {M} MM "
-                    f"charges: max difference {float((a.double() - b.double()).abs().max()):.3g} for values up to "
-                    f"{scale - 1.0:.3g}); it was not written: compile again without --tune, or report the torch "
-                    f"version")
+                    f"charges: max difference {difference:.3g} for values up to {size:.3g}); it was not written: "
+                    f"compile again (without --tune if it was given), or report the torch version")
 
 
 class CompiledPotential:

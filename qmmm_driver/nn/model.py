@@ -75,7 +75,7 @@ class QMMMModel(torch.nn.Module):
         self.dipole_head = torch.nn.Linear(s.channels, 1, bias=False)
         if s.polarizability:
             self.polarizability_head = FullyConnectedNet([s.channels, s.readout_hidden, 1], silu)
-        if s.penetration_width > 0:  # width per element: penetration_width * PENETRATION_MAX_FACTOR * sigmoid(p), p = 0 to start
+        if s.penetration_width > 0:  # per element: width = penetration_width * PENETRATION_MAX_FACTOR * sigmoid(p)
             self.penetration = torch.nn.Parameter(torch.zeros(len(s.elements)))
 
         # statistics of the training data (set by the trainer, stored in the model file)
@@ -152,10 +152,11 @@ class QMMMModel(torch.nn.Module):
         flat_src = (src[None, :] + n * torch.arange(B, device=qm_pos.device)[:, None]).flatten()
         if s.long_range:
             lr_harm = irregular_harmonics(vec, self.K) * (1.0 - switch(r, s.lr_switch_on, s.lr_switch_off))[..., None]
+        short = None
         if s.short_range:  # QM atom -> near MM charge, shared by the short-range features and penetration
             near_vec = near_pos[:, None, :, :] - qm_pos[:, :, None, :]                  # [B, n, m, 3]
             near_r = near_vec.norm(dim=-1)
-        short = self.short_range_features(near_vec, near_r, near_charge) if s.short_range else None
+            short = self.short_range_features(near_vec, near_r, near_charge)
         env_flat = env.flatten(0, 1)
         inv_scale = (1.0 / self.env_scale)[self.env_degrees]
 
