@@ -147,6 +147,9 @@ class Embedding:
         links = structure.links
         self.link_q1 = torch.as_tensor(np.searchsorted(structure.qm_indices, links[:, 0]), **as_long)
         self.link_m1 = torch.as_tensor(links[:, 1], **as_long)
+        # the same indices as numpy arrays, for assembling forces on the host
+        self.qm_idx_host, self.mm_idx_host = np.asarray(structure.qm_indices), np.asarray(structure.mm_indices)
+        self.link_m1_host = np.asarray(links[:, 1], dtype=np.int64)
 
     def check_finite(self, positions: torch.Tensor, cells: torch.Tensor | None) -> None:
         """Refuse NaN or infinite coordinates, naming the first bad atom (before any atom is culled)."""

@@ -117,10 +117,14 @@ def near_atoms(qm: torch.Tensor, mm: torch.Tensor, mm_atom: torch.Tensor, radius
     """Indices [B, m] (into the M axis) of the real MM atoms within ``radius`` of a QM atom, and a 0/1 mask.
 
     At least two entries per frame (the compiled model takes sizes of 1 or more;
-    the mask makes padding entries count for nothing).
+    the mask makes padding entries count for nothing). Positions in the model's
+    precision, relative to a QM atom: an atom within rounding of the radius may go
+    either way, and the short-range terms vanish smoothly there.
     """
     with torch.no_grad():
-        close = (torch.cdist(qm, mm).amin(dim=1) < radius) & (mm_atom >= 0)     # [B, M]
+        # squared distances as |q|^2 - 2 q.m + |m|^2: one matrix product, no [B, n, M, 3] differences
+        d2 = torch.baddbmm((qm * qm).sum(-1, keepdim=True), qm, mm.transpose(1, 2), alpha=-2.0)
+        close = ((d2 + (mm * mm).sum(-1)[:, None]).amin(dim=1) < radius * radius) & (mm_atom >= 0)  # [B, M]
         if close.shape[0] == 1:  # one frame: no padding between frames, a few operations fewer
             order = torch.nonzero(close[0]).T
             mask = torch.ones(order.shape, dtype=torch.bool, device=qm.device)
@@ -178,12 +182,10 @@ class ModelEvaluator:
         return self._per_batch[B]
 
     def present(self, positions: np.ndarray, cells: np.ndarray | None) -> Presented:
-        pos = np.asarray(positions, dtype=np.float64)
-        if pos.ndim == 2:
-            pos = pos[None]
-        if pos.shape[1] != self.structure.n_atoms:
-            self.structure.check_atoms(pos.shape[1])
-        pos = torch.as_tensor(pos, device=self.device)
+        """Frames ``positions`` [B, N, 3] (Bohr, float64) as the model sees them."""
+        if positions.shape[1] != self.structure.n_atoms:
+            self.structure.check_atoms(positions.shape[1])
+        pos = torch.as_tensor(positions, device=self.device)
         cell_t = None
         if cells is not None and self.structure.periodic:
             cell_t = torch.as_tensor(np.asarray(cells, dtype=np.float64), device=self.device).reshape(-1, 3, 3)
@@ -193,6 +195,9 @@ class ModelEvaluator:
                 params: Mapping[str, object] | None = None) -> Results:
         """Evaluate frames ``positions`` [B, N, 3] (or [N, 3]) with ``cells`` [B, 3, 3] (Bohr)."""
         coupling = float((params or {}).get("coupling", 1.0))
+        positions = np.asarray(positions, dtype=np.float64)
+        if positions.ndim == 2:
+            positions = positions[None]
         with stage("qmmm:present"):
             try:
                 p = self.present(positions, cells)
@@ -211,11 +216,13 @@ class ModelEvaluator:
                 m1 = (p.m1_pos - origin).requires_grad_(True)
                 q1 = qm[:, self.embedding.link_q1]
                 qm_all = torch.cat([qm, q1 + self._link_g * (m1 - q1)], dim=1)
-            charges = p.charges(qm, mm) * coupling
-            near, mask = near_atoms(qm_all, mm, p.mm_atom, self.near_radius)
+            charges = p.charges(qm, mm)
+            if coupling != 1.0:
+                charges = charges * coupling
+            qm_in, mm_in = qm_all.detach().to(self.dtype), mm.detach().to(self.dtype)
+            near, mask = near_atoms(qm_in, mm_in, p.mm_atom, self.near_radius)
             species, total = self._batch_constants(B)
-            inputs = (species, qm_all.detach().to(self.dtype), mm.detach().to(self.dtype),
-                      charges.detach().to(self.dtype), near, mask.to(self.dtype), total)
+            inputs = (species, qm_in, mm_in, charges.detach().to(self.dtype), near, mask.to(self.dtype), total)
             # dense memory: a compiled potential reads its inputs as contiguous arrays
             energy, g_all, g_mm, g_q, qm_charges, dipole = self.potential(*(t.contiguous() for t in inputs))
             g_all, g_mm, g_m1 = g_all.double(), g_mm.double(), None
@@ -234,36 +241,42 @@ class ModelEvaluator:
             if links:  # each link atom's charge counted on its QM atom (the QM total stays exact)
                 qm_charges = qm_charges[:, :n_qm].index_add(1, self.embedding.link_q1, qm_charges[:, n_qm:])
         with stage("qmmm:assemble"):
-            return self._assemble(p, energy, qm.detach() + origin, mm.detach() + origin, g_qm, g_mm, qm_charges,
-                                  dipole, None if m1 is None else (m1.detach() + origin, g_m1))
+            if p.group is None:
+                forces, virial = self._cluster_forces(positions, g_qm, g_mm, g_m1)
+            else:
+                forces, virial = self._periodic_forces(p, qm.detach() + origin, mm.detach() + origin, g_qm, g_mm,
+                                                       None if m1 is None else (m1.detach() + origin, g_m1))
+            res = Results(energy=energy.double().cpu().numpy(), forces=forces, virial=virial,
+                          qm_charges=qm_charges.double().cpu().numpy(), dipole=dipole.double().cpu().numpy(),
+                          n_mm_embedded=(p.mm_atom >= 0).sum(dim=1).cpu().numpy())
+            self._check_finite(res, p)
+            return res
 
-    def _assemble(self, p: Presented, energy, qm, mm, g_qm, g_mm, qm_charges, dipole, link=None) -> Results:
-        """Forces on the original atoms, virials and extras, on the host (float64); ``link``: the positions of
-        the cut bonds' MM atoms and the gradients that reach them through the link hydrogens."""
+    def _cluster_forces(self, positions: np.ndarray, g_qm, g_mm, g_m1) -> tuple[np.ndarray, np.ndarray]:
+        """Forces and virials of clusters, on the host: every atom is presented once, where it is, so the
+        virial is ``sum_i F_i (x) r_i`` over the frames' own positions."""
+        emb = self.embedding
+        forces = np.zeros(positions.shape)
+        forces[:, emb.qm_idx_host] = -g_qm.cpu().numpy()
+        forces[:, emb.mm_idx_host] = -g_mm.cpu().numpy()
+        if g_m1 is not None:  # the link hydrogens' share on the MM atoms of the cut bonds
+            np.add.at(forces, (slice(None), emb.link_m1_host), -g_m1.cpu().numpy())
+        return forces, forces.transpose(0, 2, 1) @ positions
+
+    def _periodic_forces(self, p: Presented, qm, mm, g_qm, g_mm, link=None) -> tuple[np.ndarray, np.ndarray]:
+        """Forces on the original atoms and virials of periodic frames (on the device, float64): gradients of
+        the presented images summed onto their atoms, the virial over the images' positions; ``link``: the
+        positions of the cut bonds' MM atoms and the gradients that reach them through the link hydrogens."""
         B, n = p.n_frames, self.structure.n_atoms
         forces = torch.zeros(B, n + 1, 3, device=self.device, dtype=torch.float64)  # slot n: padding
         forces[:, self.embedding.qm_idx] = -g_qm
-        if p.group is None:  # a cluster: every MM atom in its own slot, no padding
-            forces[:, self.embedding.mm_idx] = -g_mm
-            embedded = np.full(B, p.mm_atom.shape[1])
-        else:
-            forces.scatter_add_(1, torch.where(p.mm_atom >= 0, p.mm_atom, n)[..., None].expand(-1, -1, 3), -g_mm)
-            embedded = (p.mm_atom >= 0).sum(dim=1).cpu().numpy()
+        forces.scatter_add_(1, torch.where(p.mm_atom >= 0, p.mm_atom, n)[..., None].expand(-1, -1, 3), -g_mm)
         virial = -(torch.bmm(g_qm.transpose(1, 2), qm) + torch.bmm(g_mm.transpose(1, 2), mm))
         if link is not None:
             m1_pos, g_m1 = link
             forces.index_add_(1, self.embedding.link_m1, -g_m1)
             virial = virial - torch.bmm(g_m1.transpose(1, 2), m1_pos)
-        res = Results(
-            energy=energy.double().cpu().numpy(),
-            forces=forces[:, :n].cpu().numpy(),
-            virial=virial.cpu().numpy(),
-            qm_charges=qm_charges.double().cpu().numpy(),
-            dipole=dipole.double().cpu().numpy(),
-            n_mm_embedded=embedded,
-        )
-        self._check_finite(res, p)
-        return res
+        return forces[:, :n].cpu().numpy(), virial.cpu().numpy()
 
     def _check_finite(self, res: Results, p: Presented) -> None:
         bad = ~(np.isfinite(res.energy) & np.isfinite(res.forces).all(axis=(1, 2)) & np.isfinite(res.virial).all(axis=(1, 2)))

@@ -10,7 +10,7 @@ from qmmm_driver import ModelEvaluator, QMMMStructure
 from qmmm_driver.boundary import BoundaryError, check_cut_bonds, g_factor, redistribute_charges
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
-from conftest import ethanol_cluster, evaluate, fd_force, tiny_model
+from conftest import ethanol_cluster, evaluate, fd_force, tiny_model, water_cluster
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,27 @@ def test_rotation_translation_and_total_charge_with_a_cut_bond(model):
     assert np.abs(out.forces[0] - ref.forces[0] @ R.T).max() < 1e-8
     assert np.abs(ref.forces[0].sum(axis=0)).max() < 1e-10
     assert ref.qm_charges.shape == (1, 5) and ref.qm_charges[0].sum() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("system", ["water", "ethanol with a cut bond"])
+def test_cluster_virial_equals_strain_derivative(system):
+    """A cluster's virial (assembled on the host from the forces and the frame's positions) is minus the
+    derivative of the energy with respect to a homogeneous strain of every position, link atoms included."""
+    elements = ("H", "O") if system == "water" else ("H", "C", "O")
+    model = tiny_model(elements=elements).double()
+    atoms = water_cluster() if system == "water" else ethanol_cluster()
+    res = evaluate(model, atoms)
+    eps = 1e-6
+    for a, b in ((0, 0), (0, 1), (2, 1)):
+        energies = []
+        for sign in (1, -1):
+            strain = np.eye(3)
+            strain[a, b] += sign * eps
+            moved = atoms.copy()
+            moved.positions = atoms.positions @ strain.T
+            energies.append(evaluate(model, moved).energy[0])
+        dE = (energies[0] - energies[1]) / (2 * eps)
+        assert -dE == pytest.approx(res.virial[0, a, b], rel=1e-5, abs=1e-9), (a, b)
 
 
 def test_bad_cuts_are_refused_naming_the_atoms():
