@@ -44,3 +44,17 @@ def test_a_package_that_disagrees_with_its_model_is_refused():
         model.energy_head[0].weight.mul_(1.05)
     with pytest.raises(CompiledModelError, match="disagrees with the eager model"):
         verify_package(model, package, model.checksum, 3)
+
+
+def test_a_check_that_kills_its_process_is_a_refusal():
+    """The check of a new package runs in a process of its own: a compiled kernel that aborts (as one of torch
+    2.13's tuned water compiles did) or a refusal there becomes a CompiledModelError here, and this process
+    lives on."""
+    import os
+
+    from qmmm_driver.nn.compile import CompiledModelError, run_isolated
+
+    with pytest.raises(CompiledModelError, match="died \\(signal SIGABRT\\)"):
+        run_isolated(os.abort, (), "checking a package")
+    with pytest.raises(CompiledModelError, match="ZeroDivisionError"):
+        run_isolated(divmod, (1, 0), "checking a package")

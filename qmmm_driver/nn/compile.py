@@ -17,8 +17,11 @@ package runs on any such machine, not only the one that compiled it.
 
 from __future__ import annotations
 
+import multiprocessing
 import operator
 import platform
+import signal
+import tempfile
 from pathlib import Path
 
 import torch
@@ -133,14 +136,57 @@ def compile_model(model: QMMMModel, checksum: str, n_qm: int, path: str | Path, 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.pt2")
-    torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
     try:
-        verify_package(model, tmp, checksum, n_qm, device, dtype)
-    except CompiledModelError:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(tmp), inductor_configs=configs)
+        with tempfile.TemporaryDirectory() as scratch:  # the model as a file, for the checking process
+            from .io import save_model
+
+            model_file = save_model(model, Path(scratch) / "model.pt")
+            run_isolated(_verify_file, (model_file, tmp, checksum, n_qm, torch.device(device), dtype),
+                         f"checking compiled package {path} against the eager model")
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)
     return path
+
+
+def _verify_file(model_file: Path, package: Path, checksum: str, n_qm: int, device, dtype) -> None:
+    from .io import load_model
+
+    verify_package(load_model(model_file, device), package, checksum, n_qm, device, dtype)
+
+
+def _child(conn, target, args) -> None:
+    try:
+        target(*args)
+    except Exception as err:  # noqa: BLE001 - reported to the parent, which raises it as a refusal
+        conn.send(str(err) if isinstance(err, CompiledModelError) else f"{type(err).__name__}: {err}")
+    conn.close()
+
+
+def run_isolated(target, args: tuple, what: str) -> None:
+    """``target(*args)`` in a fresh (spawned) process; its error, or its death, raised here as a
+    :class:`CompiledModelError`. A faulty compiled kernel can abort the process that runs it (torch 2.13's tuned
+    water compile once threw from inside a parallel loop: ``terminate called``), which must not take the
+    compiling command, and its clean-up, with it."""
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(send, target, args), daemon=True)
+    child.start()
+    send.close()
+    try:
+        message = receive.recv()  # a refusal, or the end of the pipe when the child exits (or dies)
+    except EOFError:
+        message = None
+    child.join()
+    if message is not None:
+        raise CompiledModelError(message)
+    if child.exitcode != 0:
+        code = child.exitcode
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        raise CompiledModelError(f"{what}: the process died ({how}); the package was not written: compile again "
+                                 f"(without --tune if it was given), or report the torch version")
 
 
 def verify_package(model: QMMMModel, path: str | Path, checksum: str, n_qm: int, device="cpu",
