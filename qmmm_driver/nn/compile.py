@@ -34,6 +34,10 @@ class CompiledModelError(ValueError):
     """A compiled package that does not belong to this model, device, dtype or torch."""
 
 
+#: what a refused package's message tells the user to do
+_RETRY = "compile again (without --tune if it was given), or report the torch version"
+
+
 def compiled_path(model_path: str | Path, n_qm: int, device: str | torch.device, dtype: torch.dtype) -> Path:
     """Where the compiled form of a model file lives: beside it, named by device, dtype and QM atom count."""
     model_path = Path(model_path)
@@ -185,8 +189,7 @@ def run_isolated(target, args: tuple, what: str) -> None:
     if child.exitcode != 0:
         code = child.exitcode
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        raise CompiledModelError(f"{what}: the process died ({how}); the package was not written: compile again "
-                                 f"(without --tune if it was given), or report the torch version")
+        raise CompiledModelError(f"{what}: the process died ({how}); the package was not written: {_RETRY}")
 
 
 def verify_package(model: QMMMModel, path: str | Path, checksum: str, n_qm: int, device="cpu",
@@ -214,7 +217,7 @@ def verify_package(model: QMMMModel, path: str | Path, checksum: str, n_qm: int,
                 raise CompiledModelError(
                     f"compiled package {path} disagrees with the eager model ({name}, {B} frame(s), {M} MM "
                     f"charges: max difference {difference:.3g} for values up to {size:.3g}); it was not written: "
-                    f"compile again (without --tune if it was given), or report the torch version")
+                    f"{_RETRY}")
 
 
 class CompiledPotential:
