@@ -58,3 +58,22 @@ def test_a_check_that_kills_its_process_is_a_refusal():
         run_isolated(os.abort, (), "checking a package")
     with pytest.raises(CompiledModelError, match="ZeroDivisionError"):
         run_isolated(divmod, (1, 0), "checking a package")
+
+
+def test_an_interrupted_check_leaves_no_process():
+    """Ctrl-C while the checking process runs stops it too (no orphan keeps the package open)."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    from qmmm_driver.nn.compile import run_isolated
+
+    def interrupt():
+        time.sleep(2.0)  # the child runs (still importing torch, or sleeping)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_isolated(time.sleep, (600.0,), "checking a package")
+    assert multiprocessing.active_children() == []  # the sleeping child was stopped, not left behind

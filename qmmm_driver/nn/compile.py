@@ -183,6 +183,10 @@ def run_isolated(target, args: tuple, what: str) -> None:
         message = receive.recv()  # a refusal, or the end of the pipe when the child exits (or dies)
     except EOFError:
         message = None
+    except BaseException:  # Ctrl-C here: the check stops with us, no orphan
+        child.terminate()
+        child.join()
+        raise
     child.join()
     if message is not None:
         raise CompiledModelError(message)
