@@ -37,20 +37,13 @@ from pathlib import Path
 
 from .errors import InputError, read_toml
 from .ipi.outputs import OutputSpec, checkpoint_step, last_step, output_specs, truncate_after
+from .signals import describe, exit_status
 
 SOCKET_PREFIX = "/tmp/ipi_"
 PACKAGE = resources.files("qmmm_driver")
 #: the i-PI templates and shipped models, inside the installed package
 TEMPLATES = Path(str(PACKAGE / "inputs"))
 MODELS = Path(str(PACKAGE / "models"))
-
-
-class StopRun(Exception):
-    """SIGTERM or SIGHUP arrived: stop the run like Ctrl-C."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 @dataclass
@@ -427,10 +420,6 @@ def follow(run: Run, prepared: Prepared, start_step: int, progress: bool, stall_
         bar.close()
 
 
-def _raise_stop(signum, _frame):
-    raise StopRun(signum)
-
-
 def launch(args) -> int:
     """Run (or continue, with ``args.restart``) an i-PI input with its workers; returns the exit status."""
     if args.workers < 1 or args.mm_workers < 1:
@@ -485,9 +474,6 @@ def launch(args) -> int:
                       forcefield=example.forcefield, mm_options=example.mm_options)
     run = Run(run_dir)
     run.sockets = prepared.sockets
-    held = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    # Ctrl-C as KeyboardInterrupt also where SIGINT came in ignored (a job started with '&' by a script)
-    held[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     code = 1
     try:
         run.start_ipi(input_name)
@@ -500,17 +486,15 @@ def launch(args) -> int:
               f"(i-PI + {len(run.workers)} worker processes{'; ' + batched if batched else ''}; logs there)",
               file=sys.stderr)
         code = follow(run, prepared, start_step, progress=not args.no_progress, stall_timeout=args.stall_timeout)
-    except (KeyboardInterrupt, StopRun) as err:
-        why = "interrupted" if isinstance(err, KeyboardInterrupt) else f"stopped by {err}"
-        print(f"\nqmmm-driver launch: {why}; stopping i-PI (it writes RESTART) and the workers", file=sys.stderr)
-        code = 130 if isinstance(err, KeyboardInterrupt) else 128 + err.signum
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM/SIGHUP as Stopped
+        print(f"\nqmmm-driver launch: {describe(err)}; stopping i-PI (it writes RESTART) and the workers",
+              file=sys.stderr)
+        code = exit_status(err)
     except RuntimeError as err:
         print(f"qmmm-driver launch: error: {err}", file=sys.stderr)
         code = 1
     finally:
         run.stop()
-        for sig, handler in held.items():
-            signal.signal(sig, handler)
     if code != 0:
         print(f"qmmm-driver launch: outputs so far are in {run_dir}; continue with: qmmm-driver launch --restart "
               f"--run-dir {run_dir} --example {args.example or 'water'}", file=sys.stderr)

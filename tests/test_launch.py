@@ -54,7 +54,7 @@ def steps_done(run_dir: Path) -> list[int]:
         return []
     try:
         return [int(s) for s in read_ipi_properties(out)["step"]]
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, IndexError):  # i-PI is writing the last line
         return []
 
 

@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from ..errors import InputError
+from ..signals import describe, exit_status, stop_like_ctrl_c
 
 #: subcommand -> (module, one-line help)
 COMMANDS = {
@@ -44,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     module = importlib.import_module(args._module)
     try:
-        return int(module.main(args) or 0)
+        with stop_like_ctrl_c():  # SIGTERM/SIGHUP clean up like Ctrl-C, in every command
+            return int(module.main(args) or 0)
     except InputError as err:
         print(f"qmmm-driver {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"qmmm-driver {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print(f"qmmm-driver {args.command}: {describe(err)}", file=sys.stderr)
+        return exit_status(err)
 
 
 if __name__ == "__main__":

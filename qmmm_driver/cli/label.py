@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 from pathlib import Path
 
 from ..errors import InputError
@@ -26,17 +25,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="decimals of per-atom numbers in the output (default 6: 1e-6 A, e, eV/A)")
 
 
-def _stop(signum, _frame):
-    raise KeyboardInterrupt  # SIGTERM/SIGHUP: finish like Ctrl-C (scratch removed, output intact)
-
-
 def main(args: argparse.Namespace) -> int:
     from pyscf import lib
 
     from ..labelling import label_file
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _stop)
     lib.num_threads(args.threads or os.cpu_count())
     if args.out.resolve() == args.frames.resolve():
         raise InputError("--out must differ from the input frames")

@@ -10,16 +10,17 @@ EXIT and returns the exit status:
 - 3: i-PI went away without EXIT or broke the protocol;
 - 4: a non-finite result, or non-finite positions from i-PI (nothing is sent then).
 
-SIGTERM and SIGHUP end a worker like an interrupt: the exit line is still written.
+SIGTERM and SIGHUP end a worker like Ctrl-C (:mod:`qmmm_driver.signals`, set up by the command line): the exit
+line is still written, and the status is 128 + the signal.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 from ..errors import InputError
+from ..signals import describe
 
 EXIT_OK = 0
 EXIT_INPUT = 2
@@ -60,10 +61,6 @@ def log(command: str, text: str) -> None:
     print(f"qmmm-driver {command}: {text}", file=sys.stderr, flush=True)
 
 
-def _on_signal(signum, _frame):
-    raise SystemExit(128 + signum)
-
-
 def serve(command: str, args, build) -> int:
     """The main of a worker command: build the evaluator, serve i-PI, report, return the exit status.
 
@@ -77,11 +74,6 @@ def serve(command: str, args, build) -> int:
 
     placement = detect_placement()
     tag = f"[rank {placement.rank}/{placement.size}] " if placement.size > 1 else ""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        try:
-            signal.signal(sig, _on_signal)  # so that the exit line is still written
-        except ValueError:  # not the main thread (embedded use)
-            pass
     client = None
     code, outcome = EXIT_INPUT, "interrupted"
     try:
@@ -112,6 +104,9 @@ def serve(command: str, args, build) -> int:
     except MemoryError:
         log(command, f"error: {tag}out of memory (a batch or system too large for this machine?)")
         code, outcome = EXIT_INPUT, "out of memory"
+    except KeyboardInterrupt as err:  # Ctrl-C, SIGTERM, SIGHUP: the command line sets the exit status
+        outcome = describe(err)
+        raise
     finally:
         served = client.structures if client is not None else 0
         requests = client.requests if client is not None else 0

@@ -30,7 +30,11 @@ from .statistics import fit_statistics
 
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except BaseException:  # a full disk, Ctrl-C or SIGTERM: the previous checkpoint stays, no half file
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
 
 
