@@ -11,7 +11,7 @@ pass), exports it with dynamic batch size, MM atom count and near-atom count
 The package carries, as metadata, the checksum of the model it was made from,
 the QM atom count, dtype, device type and torch version: :func:`load_compiled`
 refuses a package that does not match (the caller then runs the eager model).
-On x86-64 CPUs the code is generated for ``x86-64-v3`` (AVX2 and FMA), so that a
+On x86-64 CPUs (torch >= 2.13) the code is generated for ``x86-64-v3`` (AVX2 and FMA), so that a
 package runs on any such machine, not only the one that compiled it.
 """
 
@@ -111,7 +111,10 @@ def export_potential(model: QMMMModel, n_qm: int, device="cpu", dtype=torch.floa
     n_near = torch.export.Dim("n_near", min=1)
     dynamic = ({0: batch}, {0: batch}, {0: batch, 1: n_mm}, {0: batch, 1: n_mm}, {0: batch, 1: n_near},
                {0: batch, 1: n_near}, {0: batch})
-    program = torch.export.export(traced, example, dynamic_shapes=dynamic)
+    # A shape condition that torch cannot prove for every size (torch 2.11 fails to prove min(M, 16 M) == M for the
+    # MM atom count) becomes a check in the program instead of a refusal to export.
+    program = torch.export.export(traced, example, dynamic_shapes=dynamic,
+                                  prefer_deferred_runtime_asserts_over_guards=True)
     _split_products(program.graph_module)
     return program
 
@@ -135,7 +138,8 @@ def compile_model(model: QMMMModel, checksum: str, n_qm: int, path: str | Path, 
         configs.update({"max_autotune": True, "epilogue_fusion": False})
         if torch.device(device).type == "cpu":
             configs["max_autotune_gemm_backends"] = "CPP,ATEN"
-    if torch.device(device).type == "cpu" and platform.machine() in ("x86_64", "AMD64"):
+    if (torch.device(device).type == "cpu" and platform.machine() in ("x86_64", "AMD64")
+            and hasattr(torch._inductor.config.cpp, "march")):  # (torch < 2.13 compiles for this machine's CPU)
         configs["cpp.march"] = "x86-64-v3"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
