@@ -28,6 +28,7 @@ def exit_status(err: KeyboardInterrupt) -> int:
 
 
 def describe(err: KeyboardInterrupt) -> str:
+    """How a command ended by ``err`` says so: "interrupted" (Ctrl-C) or "stopped by SIGTERM"."""
     return f"stopped by {err}" if isinstance(err, Stopped) else "interrupted"
 
 

@@ -112,3 +112,13 @@ def test_writing_a_file_replaces_it_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_structures(path, [QMMMStructure.from_atoms(water_cluster(n_mm=5))])
     assert path.read_bytes() == before
+    monkeypatch.undo()
+
+    def stopped(*args):  # SIGTERM (raised as an interrupt) while the new text is flushed to disk
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_structures(path, [QMMMStructure.from_atoms(water_cluster(n_mm=5))])
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.extxyz"]  # no half-written temporary left

@@ -8,6 +8,7 @@ averaged over steps, with test and transfer metrics in its metadata),
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
@@ -29,13 +30,9 @@ from .statistics import fit_statistics
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        torch.save(state, tmp)
-    except BaseException:  # a full disk, Ctrl-C or SIGTERM: the previous checkpoint stays, no half file
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomically(path, buffer.getvalue())
 
 
 class Trainer:
