@@ -1,6 +1,6 @@
 """Unlabelled SN2 frames along the reaction coordinate: umbrella windows of OpenMM MD around a held solute.
 
-    python examples/sn2/sample.py --out frames.extxyz --frames 85 [--windows -2.0:2.0:17] \
+    python examples/sn2/sample.py --out frames.extxyz --frames 85 [--windows=-2.0:2.0:17] \
         [--solvent methanol] [--ion Mg2+ --ion-distance 3.0:6.0] [--charge-noise 0.15]
 
 In each window the solute atoms are held (k = 50 000 kJ/mol/nm^2, about 0.07 A
@@ -32,7 +32,9 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     configure(parser)
-    parser.add_argument("--windows", default="-2.0:2.0:17", help="umbrella windows in xi (A) as start:stop:count")
+    parser.add_argument("--windows", default="-2.0:2.0:17",
+                        help="umbrella windows in xi (A) as start:stop:count; write --windows=-2.0:2.0:17 (a value "
+                             "starting with - needs the =)")
     parser.add_argument("--window-equilibrate", type=float, default=2.0, help="ps at each new window (default 2)")
     parser.set_defaults(qm_noise=0.0, solute="sn2")
     args = parser.parse_args(argv)
