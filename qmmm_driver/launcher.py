@@ -40,6 +40,8 @@ from .ipi.outputs import OutputSpec, checkpoint_step, last_step, output_specs, t
 from .signals import describe, exit_status
 
 SOCKET_PREFIX = "/tmp/ipi_"
+#: where POSIX shared memory appears as files (Linux): i-PI names its segments ipi_shm_<pid>_...
+SHM_DIR = "/dev/shm"
 PACKAGE = resources.files("qmmm_driver")
 #: the i-PI templates and shipped models, inside the installed package
 TEMPLATES = Path(str(PACKAGE / "inputs"))
@@ -106,6 +108,7 @@ def resolve_input(name: str | Path) -> Path:
 class Socket:
     name: str
     address: str
+    shm: bool = False  # i-PI's mode="shm": positions and forces through shared memory
 
     @property
     def is_mm(self) -> bool:
@@ -168,8 +171,10 @@ def prepare_input(source: Path, target: Path, tag: str, workers: int, batch: boo
     sockets, batches = [], {}
     for ff in root.iter("ffsocket"):
         name = ff.get("name", "")
-        if ff.get("mode", "inet") not in ("unix", "inet"):
-            raise InputError(f"{source}: ffsocket '{name}' has mode {ff.get('mode')}; the launcher uses unix sockets")
+        if ff.get("mode", "inet") not in ("unix", "inet", "shm"):
+            raise InputError(f"{source}: ffsocket '{name}' has mode {ff.get('mode')}; the launcher uses unix sockets "
+                             "(or shm)")
+        asked_shm = ff.get("mode") == "shm"
         ff.set("mode", "unix")
         address = ff.find("address")
         if address is None:
@@ -185,6 +190,11 @@ def prepare_input(source: Path, target: Path, tag: str, workers: int, batch: boo
         if consolidate is None:
             consolidate = ET.SubElement(ff, "consolidate_messages")
             consolidate.text = " false "
+        if batched or asked_shm:
+            # a batch of positions is hundreds of kB: through the socket, i-PI drops a worker that takes more than
+            # 0.1 s to read it (a loaded machine); in shared memory only a short message crosses the socket
+            ff.set("mode", "shm")
+            sockets[-1] = Socket(name=name, address=sockets[-1].address, shm=True)
         if batched:  # i-PI batches only with consolidated messages; the launcher's stall watch covers it
             consolidate.text = " true "
             if ff.find("latency") is None:
@@ -353,6 +363,9 @@ class Run:
                 self._kill(proc, signal.SIGKILL)  # anything the worker left in its session (MPI ranks)
             if self.ipi is not None:
                 self._kill(self.ipi, signal.SIGKILL)
+                # the shared memory of shm sockets, which an i-PI that died (or was killed) could not remove
+                for segment in Path(SHM_DIR).glob(f"ipi_shm_{self.ipi.pid}_*"):
+                    segment.unlink(missing_ok=True)
             for s in self.sockets:
                 s.path.unlink(missing_ok=True)
             for fh in self.logs:
@@ -367,10 +380,10 @@ def worker_commands(sock: Socket, example: Example, args) -> list[tuple[str, lis
     base = [sys.executable, "-m", "qmmm_driver.cli"]
     if sock.is_mm:
         cmd = base + ["mm", "--pdb", str(example.pdb), "--system", str(example.system), "--unix", sock.address,
-                      *example.mm_options, "--forcefield", *example.forcefield]
+                      *example.mm_options, "--forcefield", *example.forcefield] + (["--shm"] if sock.shm else [])
         return [(f"{sock.name}-mm{k}", cmd) for k in range(args.mm_workers)]
     cmd = ["run", "--model", str(example.model), "--system", str(example.system), "--unix", sock.address,
-           "--device", args.device, "--dtype", args.dtype]
+           "--device", args.device, "--dtype", args.dtype] + (["--shm"] if sock.shm else [])
     mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
     if args.workers > 1 and mpirun:
         return [(f"{sock.name}-mpi", [mpirun, "-n", str(args.workers)] + base + cmd)]

@@ -227,9 +227,9 @@ def read_ipi_properties(path):
 def ipi_input(address: str, init_file: str, steps: int, *, dt_fs: float = 0.5, nbeads: int = 1,
               temperature: float = 300.0, seed: int = 12345, parameters: str = "", batch_size: int = 1,
               trajectories: bool = True, extra_forcefields: str = "", extra_forces: str = "", fixcom: bool = True,
-              pbc: str = "false",
+              pbc: str = "false", mode: str = "unix",
               properties: str = "step, time{picosecond}, conserved{atomic_unit}, potential{atomic_unit}") -> str:
-    """An NVE (or NVE-PIMD) i-PI input with a unix ffsocket named ``address``."""
+    """An NVE (or NVE-PIMD) i-PI input with a unix (or ``mode='shm'``) ffsocket named ``address``."""
     traj = ""
     if trajectories:
         traj = ("<trajectory filename='pos' stride='1' format='bin' cell_units='atomic_unit'> positions{atomic_unit} </trajectory>\n"
@@ -244,7 +244,7 @@ def ipi_input(address: str, init_file: str, steps: int, *, dt_fs: float = 0.5, n
   </output>
   <total_steps>{steps}</total_steps>
   <prng><seed>{seed}</seed></prng>
-  <ffsocket name='qmmm' mode='unix' pbc='{pbc}'>
+  <ffsocket name='qmmm' mode='{mode}' pbc='{pbc}'>
     <address>{address}</address> {pars} {batch}
   </ffsocket>
   {extra_forcefields}

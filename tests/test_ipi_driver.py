@@ -397,29 +397,38 @@ def test_two_workers_serve_pimd(procs, tmp_path, tiny_model_file, launch):
 
 
 def test_batched_equals_unbatched(procs, tmp_path, tiny_model_file):
-    """<batch_size>4</batch_size>: one compute call per 4 beads, same forces as one-by-one."""
+    """<batch_size>4</batch_size>: one compute call per 4 beads, same forces as one-by-one; the same through
+    i-PI's mode='shm' (positions and forces in shared memory, `run --shm`), batched and not."""
     frame = write_frame(water_cluster(), tmp_path / "cluster.extxyz", box=CLUSTER_BOX)
-    forces, counts = {}, {}
-    for batch in (1, 4):
-        run_dir = tmp_path / f"batch{batch}"
+    forces, counts, extras = {}, {}, {}
+    for batch, mode in ((1, "unix"), (4, "unix"), (1, "shm"), (4, "shm")):
+        run_dir = tmp_path / f"batch{batch}-{mode}"
         run_dir.mkdir()
         sub = Procs(run_dir)
         try:
             name = sub.socket_name()
-            xml = ipi_input(name, str(frame), steps=4, dt_fs=0.25, nbeads=4, batch_size=batch)
-            ipi, workers = start_workers_then_ipi(
-                sub, ["--model", tiny_model_file, "--system", frame, "--unix", name, "--dtype", "float64"], xml)
+            xml = ipi_input(name, str(frame), steps=4, dt_fs=0.25, nbeads=4, batch_size=batch, mode=mode)
+            args = ["--model", tiny_model_file, "--system", frame, "--unix", name, "--dtype", "float64"]
+            ipi, workers = start_workers_then_ipi(sub, args + (["--shm"] if mode == "shm" else []), xml)
             finish_run(sub, ipi, workers)
-            forces[batch] = np.stack([[f[1] for f in read_ipi_bin(run_dir / f"sim.frc_{b}.bin")] for b in range(4)])
-            counts[batch] = served_counts(sub.log(workers[0]))[0]
+            key = (batch, mode)
+            forces[key] = np.stack([[f[1] for f in read_ipi_bin(run_dir / f"sim.frc_{b}.bin")] for b in range(4)])
+            counts[key] = served_counts(sub.log(workers[0]))[0]
+            extras[key] = (run_dir / "sim.xtr_0").read_text()
         finally:
             sub.cleanup()
-    assert forces[1].shape == forces[4].shape == (4, 5, 93, 3)
-    scale = np.abs(forces[1]).max()
-    np.testing.assert_allclose(forces[4], forces[1], rtol=1e-8, atol=1e-9 * scale)
-    assert np.abs(forces[1][0] - forces[1][1]).max() > 1e-6 * scale  # beads differ: a real batch
-    assert counts[1] == (20, 20)
-    assert counts[4] == (17, 5)  # 4 structures per request; step 0's four identical beads evaluated once
+    ref = forces[1, "unix"]
+    assert ref.shape == (4, 5, 93, 3)
+    scale = np.abs(ref).max()
+    for key in ((4, "unix"), (1, "shm"), (4, "shm")):
+        np.testing.assert_allclose(forces[key], ref, rtol=1e-8, atol=1e-9 * scale, err_msg=str(key))
+    for batch in (1, 4):  # the same numbers either way, and the JSON extras still go through the socket
+        assert np.array_equal(forces[batch, "shm"], forces[batch, "unix"])
+        assert extras[batch, "shm"] == extras[batch, "unix"]
+    assert np.abs(ref[0] - ref[1]).max() > 1e-6 * scale  # beads differ: a real batch
+    assert counts[1, "unix"] == counts[1, "shm"] == (20, 20)
+    # 4 structures per request; step 0's four identical beads evaluated once
+    assert counts[4, "unix"] == counts[4, "shm"] == (17, 5)
 
 
 def test_ipi_stock_driver_hosts_the_evaluator_batched(tmp_path, tiny_model_file):

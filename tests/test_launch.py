@@ -65,7 +65,10 @@ def leftovers(run_dir: Path) -> list[str]:
     alive += [line for t in tags for line in
               subprocess.run(["pgrep", "-af", t], capture_output=True, text=True).stdout.splitlines()]
     sockets = [str(p) for t in tags for p in Path("/tmp").glob(f"ipi_{t}")]
-    return [line for line in alive if "pgrep" not in line] + sockets
+    # shared memory of shm sockets (ipi_shm_<i-PI pid>_...) whose i-PI is gone
+    segments = [str(p) for p in Path("/dev/shm").glob("ipi_shm_*")
+                if not Path(f"/proc/{p.name.split('_')[2]}").exists()]
+    return [line for line in alive if "pgrep" not in line] + sockets + segments
 
 
 def wait_for_steps(run_dir: Path, n: int, proc, timeout: float = 180.0) -> None:
@@ -265,6 +268,8 @@ def test_pimd_beads_go_to_the_model_in_batches_and_padding_is_not_evaluated(tmp_
     assert res.returncode == 0, res.stderr[-3000:]
     ff = next(f for f in ET.parse(run_dir / "input.xml").getroot().iter("ffsocket") if f.get("name") == "qmmm")
     assert int(ff.findtext("batch_size")) == 4 and float(ff.findtext("latency")) > 1e-4
+    # a batch goes through shared memory (a worker slow to read it off the socket would be dropped by i-PI)
+    assert ff.get("mode") == "shm" and "+ shared memory" in (run_dir / "qmmm-w0.log").read_text()
     served, requests = map(int, re.search(r"served (\d+) structures in (\d+) requests",
                                           (run_dir / "qmmm-w0.log").read_text()).groups())
     # 7 force evaluations of 4 beads; i-PI pads a partial batch with copies, which the worker does not evaluate

@@ -61,6 +61,8 @@ def early_failures(tmp_path_factory, tiny_model_file):
                          "--connect-timeout", "1"], {"name": absent}),
         "refused_inet": (["--model", tiny_model_file, "--system", good, "--address", "127.0.0.1",
                           "--port", port, "--connect-timeout", "1"], {"port": port}),
+        "shm_inet": (["--model", tiny_model_file, "--system", good, "--address", "127.0.0.1", "--port", port,
+                      "--shm"], {}),
         "half_molecule": (["--model", tiny_model_file, "--system", box_file, "--qm", "0-1", "--unix", absent], {}),
         "backwards": (["--model", tiny_model_file, "--system", good, "--qm", "5-2", "--unix", absent], {}),
         "stale_socket": (["--model", tiny_model_file, "--system", good, "--unix", stale, "--connect-timeout", "1"],
@@ -126,6 +128,10 @@ def test_absent_unix_socket(early_failures):
 def test_refused_inet_socket(early_failures):
     _check(early_failures, "refused_inet", "no i-PI server at inet:127.0.0.1:{port} after 1 s", "refused",
            '<ffsocket mode="inet"><address>127.0.0.1</address><port>{port}</port>')
+
+
+def test_shared_memory_needs_a_unix_socket(early_failures):
+    _check(early_failures, "shm_inet", "--shm goes with --unix NAME")
 
 
 def test_half_a_molecule_as_qm_is_refused(early_failures):

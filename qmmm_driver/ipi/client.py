@@ -14,6 +14,10 @@ Wire layout (native byte order, float64 and int32):
   (``batch_size`` B > 1): ``nat``, B x (``h``, ``h^-1``), ``pos[B,nat,3]``.
 - ``FORCEREADY``: ``U``, ``nat``, ``f[nat,3]``, ``vir[3,3]``, ``len``, ``extras``.
   Batched: ``U[B]``, ``nat``, ``f[B,nat,3]``, ``vir[B,3,3]``, then B x (``len``, ``extras``).
+- i-PI's ``mode="shm"`` (``shm=True`` here): ``POSDATA`` carries only ``nat``
+  (and, the first time, the names of i-PI's shared-memory segments, each as
+  ``len``, ``name``), ``FORCEREADY`` only the B x (``len``, ``extras``); the
+  numbers are read and written in the segments (:mod:`.shm`).
 
 i-PI's ``h`` has the lattice vectors as columns; the evaluator takes them as
 rows, so ``cells = h.T``. Everything is in atomic units on both sides: no unit
@@ -234,10 +238,12 @@ class IPIClient:
     padding of partial batches excluded) and POSDATA messages answered.
     """
 
-    def __init__(self, sock: socket.socket, evaluator, defaults: dict | None = None):
+    def __init__(self, sock: socket.socket, evaluator, defaults: dict | None = None, shm: bool = False):
         from ..evaluator import check_parameters
 
         self.sock = sock
+        self.shm = shm
+        self._segments = None  # i-PI's shared memory (shm mode), attached at the first POSDATA
         self.ev = evaluator
         self.system = evaluator.structure
         self.defaults = dict(defaults or {})
@@ -353,22 +359,58 @@ class IPIClient:
             n -= 1
         return n
 
+    def _attach_segments(self, nat: int) -> None:
+        """Read the segment names of the first shm-mode POSDATA and make the buffers views of the segments."""
+        from .shm import KINDS, Segments
+
+        names = []
+        for kind in KINDS:
+            self._recv_into(self._head_view[:4], "POSDATA segment names")
+            length = int(np.frombuffer(self._head, np.int32, 1)[0])
+            if not 0 < length <= 255:
+                raise ProtocolError(f"i-PI sent a shared-memory segment name of {length} bytes ({kind})")
+            name = bytearray(length)
+            self._recv_into(memoryview(name), "POSDATA segment names")
+            names.append(name.decode("utf-8"))
+        B = self.batch_size
+        try:
+            self._segments = Segments(names, B, nat)
+        except (OSError, ValueError) as err:
+            raise ProtocolError(f"cannot use i-PI's shared memory {names}: {err} (is the worker on the machine "
+                                "that runs i-PI?)") from err
+        views = self._segments.views
+        self._pos, self._r_pot, self._r_force, self._r_vir = views["pos"], views["pot"], views["force"], views["vir"]
+        self._hih = np.empty((B, 2, 3, 3), dtype=np.float64)
+        self._cells = np.empty((B, 3, 3), dtype=np.float64)
+        self._reply = FORCEREADY  # the numbers go into the segments; the socket carries the extras
+        self._buffers_for = (B, nat)
+
     def _read_posdata(self):
         B = self.batch_size
         head = self._head
-        if B == 1:
+        if self.shm:
+            self._recv_into(self._head_view[:4], "POSDATA")
+            nat = int(np.frombuffer(head, np.int32, 1)[0])
+            self._check_nat(nat)
+            if self._segments is None:
+                self._attach_segments(nat)
+            views = self._segments.views
+            np.copyto(self._hih[:, 0], views["h"])
+            np.copyto(self._hih[:, 1], views["ih"])
+        elif B == 1:
             self._recv_into(self._head_view, "POSDATA")
             nat = int(np.frombuffer(head, np.int32, 1, 144)[0])
             self._check_nat(nat)
             self._allocate(1, nat)
             self._hih.reshape(-1)[:] = np.frombuffer(head, np.float64, 18)
+            self._recv_into(self._pos_view, "POSDATA positions")
         else:
             self._recv_into(self._head_view[:4], "POSDATA")
             nat = int(np.frombuffer(head, np.int32, 1)[0])
             self._check_nat(nat)
             self._allocate(B, nat)
             self._recv_into(self._hih_view, "POSDATA cells")
-        self._recv_into(self._pos_view, "POSDATA positions")
+            self._recv_into(self._pos_view, "POSDATA positions")
         if not self.system.periodic:
             return None
         np.copyto(self._cells, self._hih[:, 0].transpose(0, 2, 1))  # i-PI h has lattice vectors as columns
@@ -421,3 +463,8 @@ class IPIClient:
                     raise ProtocolError(f"unexpected message {bytes(hdr)!r} from i-PI")
         except (ConnectionResetError, BrokenPipeError) as err:
             raise ConnectionLost(f"i-PI closed the connection without sending EXIT ({err})") from err
+        finally:
+            if self._segments is not None:  # detach (i-PI removes the segments)
+                self._pos = self._r_pot = self._r_force = self._r_vir = None
+                self._segments.close()
+                self._segments = None

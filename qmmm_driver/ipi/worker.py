@@ -35,6 +35,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                        help="unix socket name, i-PI's <address> (connects to SOCKET_PREFIX + NAME)")
     where.add_argument("--address", metavar="HOST", help="inet host of i-PI (with --port)")
     parser.add_argument("--port", type=int, metavar="N", help="inet port of i-PI (with --address)")
+    parser.add_argument("--shm", action="store_true",
+                        help="i-PI's <ffsocket mode='shm'>: the unix socket for messages, shared memory for "
+                             "positions and forces (with --unix; the worker must run on i-PI's machine)")
     parser.add_argument("--socket-prefix", default="/tmp/ipi_", metavar="PREFIX",
                         help="i-PI's sockets_prefix for unix sockets (default: %(default)s)")
     parser.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
@@ -54,6 +57,9 @@ def socket_address(args):
         return SocketAddress.unix(args.unix, args.socket_prefix)
     if args.port is None:
         raise InputError(f"--address {args.address} needs --port N (the <port> of i-PI's inet <ffsocket>)")
+    if args.shm:
+        raise InputError("--shm goes with --unix NAME (i-PI's mode='shm' listens on a unix socket), not with "
+                         "--address")
     return SocketAddress.inet(args.address, args.port)
 
 
@@ -79,9 +85,9 @@ def serve(command: str, args, build) -> int:
     try:
         address = socket_address(args)
         ev, text, defaults, nonfinite = build(args, placement)
-        log(command, f"{placement.label()}, {text}, socket {address}")
+        log(command, f"{placement.label()}, {text}, socket {address}{' + shared memory' if args.shm else ''}")
         sock = connect(address, args.connect_timeout)
-        client = IPIClient(sock, ev, defaults)
+        client = IPIClient(sock, ev, defaults, shm=args.shm)
         try:
             client.serve()
             code, outcome = EXIT_OK, "i-PI sent EXIT"
