@@ -108,10 +108,11 @@ def shipped(work: Path, steps: int, warmup: int, template: str = "pimd") -> dict
                             stderr=subprocess.PIPE, env=ENV)
     rate, final = timed(run, proc, warmup)
     evaluated, requests = served((run / "qmmm-w0.log").read_text())
-    # the floor: the same prepared input, i-PI's dummy driver on every socket
+    # the floor: the same prepared input, i-PI's dummy driver on every socket (over plain unix sockets: the stock
+    # driver does not speak i-PI's shared-memory mode, which the launcher gives batched sockets)
     floor_dir = work / f"floor-{template}"
     floor_dir.mkdir()
-    text = (run / "input.xml").read_text()
+    text = re.sub(r"mode=(['\"])shm\1", r"mode=\1unix\1", (run / "input.xml").read_text())
     addresses = re.findall(r"<address>\s*(\S+)\s*</address>", text)
     for a in addresses:
         text = text.replace(a, f"fl{uuid.uuid4().hex[:8]}{a[-8:]}")
