@@ -205,6 +205,7 @@ def test_remd_attempts_exchanges(procs, tmp_path, small_box, small_model_file):
     print(f"\nREMD exchange attempts: {len(attempts)} ({sum(a.startswith('SWAPPING') for a in attempts)} accepted)")
 
 
+@pytest.mark.slow  # about 30 s; plain REMD (test_remd_attempts_exchanges) runs by default
 def test_hremd_samples_one_coupling_per_replica(procs, tmp_path, small_box, small_model_file):
     """hremd.xml (4 replicas, 3 steps): each replica feels MM + the model at the coupling its bias weights
     select (checked against the model evaluated independently at every coupling); exchanges are attempted."""

@@ -100,7 +100,9 @@ def test_launch_runs_to_the_end_and_cleans_up(tmp_path, example):
     assert "served" in (run_dir / "qmmm-w0.log").read_text()
 
 
-@pytest.mark.parametrize("inherited", ["default", "ignored"])
+# the "ignored" case (SIGINT ignored by the parent, as for a script's background job) runs by default; the plain
+# case is the same path and runs with -m slow, to keep the default run within its budget
+@pytest.mark.parametrize("inherited", [pytest.param("default", marks=pytest.mark.slow), "ignored"])
 def test_ctrl_c_stops_softly_and_restart_continues(tmp_path, example, inherited):
     """Also when the launcher starts with SIGINT ignored (a job a script started with '&')."""
     run_dir = tmp_path / "run"
@@ -178,6 +180,7 @@ def test_killed_worker_stops_the_run_cleanly(tmp_path, example):
     assert leftovers(run_dir) == []
 
 
+@pytest.mark.slow  # about 50 s: waits out a stall timeout
 def test_a_stalled_run_is_stopped(tmp_path, example):
     """A worker frozen (as one killed in a way i-PI does not notice): no step for --stall-timeout seconds ends
     the run cleanly, with a message, instead of a launcher printing the same step forever."""
