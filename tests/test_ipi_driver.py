@@ -21,7 +21,7 @@ from conftest import (CLUSTER_BOX, Procs, finish_run, ipi_input, read_ipi_bin, r
                       start_workers_then_ipi, tiny_model, water_box, water_cluster, write_frame)
 from qmmm_driver.evaluator import ModelEvaluator, NonFiniteResult
 from qmmm_driver.ipi.client import (EXIT, FORCEREADY, GETFORCE, HAVEDATA, INIT, MAX_BATCH, NEEDINIT, POSDATA, READY,
-                                    STATUS, ConnectionLost, InitError, IPIClient, parse_init)
+                                    STATUS, ConnectionLost, InitError, IPIClient, ProtocolError, parse_init)
 from qmmm_driver.nn.io import load_model
 from qmmm_driver.structures import QMMMStructure
 from qmmm_driver.units import ANGSTROM_TO_BOHR, HARTREE
@@ -263,6 +263,35 @@ def test_protocol_errors_against_scripted_server(box_case):
         assert "without sending EXIT" in str(out["error"])
 
 
+def test_a_worker_whose_shm_does_not_match_the_socket_is_refused(box_case):
+    """A worker without --shm on a mode='shm' socket, or with --shm on a plain one, stops at the first POSDATA
+    with a message that says which way to fix it (read the wrong way, the bytes gave a wrong atom count or a hang).
+    """
+    atoms, system, model, pos, rows = box_case
+    n = len(atoms)
+    h = rows.T.copy()
+    names = [f"ipi_shm_4242_7_{kind}".encode() for kind in ("pos", "h", "ih", "pot", "force", "vir")]
+    shm_posdata = [POSDATA, np.int32(n)] + [p for name in names for p in (np.int32(len(name)), name)]
+    cases = (
+        (False, "4", shm_posdata, "start the worker with --shm"),
+        (False, "1", shm_posdata, "start the worker with --shm"),
+        (True, "1", [POSDATA, h, np.linalg.inv(h), np.int32(n), pos], "drop --shm"),
+        (True, "4", [POSDATA, np.int32(n)] + [h, np.linalg.inv(h)] * 4 + [pos] * 4, "drop --shm"),
+    )
+    for shm, batch, message, words in cases:
+        a, b = socket.socketpair()
+        with a, b:
+            client = IPIClient(b, ModelEvaluator(model, system, "cpu", torch.float64), shm=shm)
+            thread, out = _serve_in_thread(client)
+            srv = _FakeIPI(a)
+            srv.init(f" batch_size:{batch} ")
+            srv.send(*message)
+            thread.join(10)
+            assert not thread.is_alive(), (shm, batch)
+            assert isinstance(out.get("error"), ProtocolError) and words in str(out["error"]), (shm, batch, out)
+            assert client.requests == 0
+
+
 # --------------------------------------------------------------------------- real i-PI
 
 
@@ -458,3 +487,23 @@ def test_ipi_stock_driver_hosts_the_evaluator_batched(tmp_path, tiny_model_file)
             sub.cleanup()
     scale = np.abs(forces["run"]).max()
     np.testing.assert_allclose(forces["stock"], forces["run"], rtol=1e-8, atol=1e-9 * scale)
+
+
+@pytest.mark.slow
+def test_shm_mismatch_against_a_real_ipi(tmp_path, tiny_model_file):
+    """A real i-PI, batched: a worker without --shm on a mode='shm' socket (it used to wait for bytes that never
+    came) and one with --shm on a unix socket both exit 3 at once, saying how to fix it."""
+    frame = write_frame(water_cluster(), tmp_path / "cluster.extxyz", box=CLUSTER_BOX)
+    for mode, flag, words in (("shm", [], "start the worker with --shm"), ("unix", ["--shm"], "drop --shm")):
+        run_dir = tmp_path / mode
+        run_dir.mkdir()
+        sub = Procs(run_dir)
+        try:
+            name = sub.socket_name()
+            xml = ipi_input(name, str(frame), steps=4, dt_fs=0.25, nbeads=4, batch_size=4, mode=mode)
+            args = ["--model", tiny_model_file, "--system", frame, "--unix", name, "--dtype", "float64"] + flag
+            ipi, workers = start_workers_then_ipi(sub, args, xml)
+            assert sub.finish(workers[0], 60) == 3
+            assert words in sub.log(workers[0])
+        finally:
+            sub.cleanup()

@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from qmmm_driver.ipi.umbrella import DistanceDifferenceUmbrella, collinearity_and_gradient, xi_and_gradient
+from qmmm_driver.ipi.umbrella import (
+    DistanceDifferenceUmbrella,
+    collinearity_and_gradient,
+    shorter_distance_and_gradient,
+    xi_and_gradient,
+)
 from qmmm_driver.units import ANGSTROM_TO_BOHR, HARTREE
 
 
@@ -46,6 +51,29 @@ def test_collinearity_wall_forces_and_flat_bottom():
     straight[5] = straight[0] - np.array([3.2, 0.0, 0.0]) * ANGSTROM_TO_BOHR
     assert collinearity_and_gradient(straight, 0, 4, 5)[0] == pytest.approx(0.0, abs=1e-12)
     np.testing.assert_array_equal(pes.compute_structure(None, straight)[1], plain.compute_structure(None, straight)[1])
+
+
+def test_bond_wall_forces_and_flat_bottom():
+    """The wall on the shorter A-B / A-C distance: minus the gradient where it acts (at and away from the
+    symmetric point), zero while one distance is under ``bond``, and its coordinate is the shorter distance."""
+    a = ANGSTROM_TO_BOHR
+    pos = np.zeros((6, 3))
+    pos[4], pos[5] = [2.9 * a, 0.1 * a, 0.0], [-2.9 * a, 0.0, 0.2 * a]  # both C-Cl stretched, about equal
+    pes = DistanceDifferenceUmbrella(atoms="0 4 5", xi0=0.0, k=3.0, k_bond=20.0, bond=2.5, verbosity=0)
+    plain = DistanceDifferenceUmbrella(atoms="0 4 5", xi0=0.0, k=3.0, verbosity=0)
+    s = 0.05 * a
+    m, _ = shorter_distance_and_gradient(pos, 0, 4, 5, s)
+    d = np.linalg.norm(pos[[4, 5]], axis=1)
+    assert d.min() <= m <= d.min() + s
+    expected = 0.5 * 20.0 / HARTREE / a**2 * (m - 2.5 * a) ** 2
+    assert pes.compute_structure(None, pos)[0] - plain.compute_structure(None, pos)[0] == pytest.approx(expected)
+    assert_forces_are_minus_gradient(pes, pos, atoms=(0, 4, 5))
+    lopsided = pos.copy()
+    lopsided[5] = [-3.6 * a, 0.0, 0.0]
+    assert_forces_are_minus_gradient(pes, lopsided, atoms=(0, 4, 5))
+    bonded = pos.copy()
+    bonded[4] = [1.8 * a, 0.0, 0.0]  # the reactant: one short bond, the other chloride far
+    np.testing.assert_array_equal(pes.compute_structure(None, bonded)[1], plain.compute_structure(None, bonded)[1])
 
 
 def test_bad_atoms_are_refused():

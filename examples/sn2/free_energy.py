@@ -64,7 +64,7 @@ def window_starts(xis: np.ndarray, out: Path, equilibrate_ps: float, seed: int) 
     return starts
 
 
-def ipi_input(xis, starts, k_eV: float, k_wall: float, steps: int, stride: int) -> str:
+def ipi_input(xis, starts, k_eV: float, k_wall: float, k_bond: float, bond: float, steps: int, stride: int) -> str:
     umbrella = REPO / "qmmm_driver" / "ipi" / "umbrella.py"
     props = ("step, time{picosecond}, temperature{kelvin}, potential{electronvolt}, ensemble_bias{electronvolt}, "
              "atom_x{angstrom}(atom=0), atom_x{angstrom}(atom=4), atom_x{angstrom}(atom=5)")
@@ -72,7 +72,7 @@ def ipi_input(xis, starts, k_eV: float, k_wall: float, steps: int, stride: int) 
     for k, (xi0, start) in enumerate(zip(xis, starts)):
         ffs.append(f"""  <ffdirect name='umbrella_{k}' pbc='false'>
     <pes>custom</pes> <pes_path>{umbrella}</pes_path>
-    <parameters>{{atoms: 0 4 5, xi0: {xi0:.4f}, k: {k_eV}, k_wall: {k_wall}, wall: 0.3}}</parameters>
+    <parameters>{{atoms: 0 4 5, xi0: {xi0:.4f}, k: {k_eV}, k_wall: {k_wall}, wall: 0.3, k_bond: {k_bond}, bond: {bond}}}</parameters>
   </ffdirect>""")
         systems.append(f"""  <system prefix='w{k:02d}'>
     <initialize nbeads='1'>
@@ -112,15 +112,18 @@ def ipi_input(xis, starts, k_eV: float, k_wall: float, steps: int, stride: int) 
 """
 
 
-def xi_samples(run_dir: Path, n_windows: int, discard: float) -> list[np.ndarray]:
-    """xi (A) of every window's recorded steps, after discarding the first fraction ``discard``."""
-    out = []
+def window_samples(run_dir: Path, n_windows: int, discard: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """xi and the shorter C-Cl distance (A) of every window's recorded steps, after discarding the first
+    fraction ``discard``."""
+    xis, shorter = [], []
     for k in range(n_windows):
         values, _ = read_output(str(run_dir / f"w{k:02d}_simulation.out"))
         c, cl1, cl2 = (np.atleast_2d(values[f"atom_x(atom={a})"]) for a in (0, 4, 5))
-        xi = np.linalg.norm(cl1 - c, axis=1) - np.linalg.norm(cl2 - c, axis=1)
-        out.append(xi[int(len(xi) * discard):])
-    return out
+        d1, d2 = np.linalg.norm(cl1 - c, axis=1), np.linalg.norm(cl2 - c, axis=1)
+        kept = slice(int(len(d1) * discard), None)
+        xis.append((d1 - d2)[kept])
+        shorter.append(np.minimum(d1, d2)[kept])
+    return xis, shorter
 
 
 def steps_done(run_dir: Path) -> int:
@@ -157,6 +160,11 @@ def main() -> None:
     p.add_argument("--k", type=float, default=3.0, help="umbrella force constant, eV/A^2 (default 3)")
     p.add_argument("--k-wall", type=float, default=10.0,
                    help="collinearity wall on d(C-Cl1) + d(C-Cl2) - d(Cl1-Cl2) > 0.3 A, eV/A^2 (default 10; 0: none)")
+    p.add_argument("--k-bond", type=float, default=20.0,
+                   help="wall on the shorter C-Cl distance beyond --bond, eV/A^2 (default 20; 0: none)")
+    p.add_argument("--bond", type=float, default=2.5,
+                   help="where the bond wall starts, A (default 2.5: the longest C-Cl bond the path frames hold "
+                        "is 2.4 A)")
     p.add_argument("--steps", type=int, default=4000, help="steps of 0.5 fs per window (default 4000 = 2 ps)")
     p.add_argument("--equilibrate", type=float, default=2.0, help="ps of OpenMM equilibration per window start")
     p.add_argument("--discard", type=float, default=0.2, help="fraction of each window discarded")
@@ -170,13 +178,14 @@ def main() -> None:
     if not args.analyse_only:
         starts = window_starts(xis, args.runs / "starts", args.equilibrate, seed=5)
         xml = args.runs / "umbrella.xml"
-        xml.write_text(ipi_input(xis, starts, args.k, args.k_wall, args.steps, stride=2))
+        xml.write_text(ipi_input(xis, starts, args.k, args.k_wall, args.k_bond, args.bond, args.steps,
+                                 stride=2))
         cmd = [sys.executable, "-m", "qmmm_driver.cli", "launch", str(xml), "--example", "sn2",
                "--run-dir", str(run_dir), "--workers", str(args.workers)]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
 
-    samples = xi_samples(run_dir, len(xis), args.discard)
+    samples, shorter = window_samples(run_dir, len(xis), args.discard)
     bins = np.linspace(xis[0] - 0.4, xis[-1] + 0.4, 81)
     mid, free, err, independent = free_energy(samples, xis, args.k, KT_300, bins)
     kcal = 23.0605  # kcal/mol per eV
@@ -189,6 +198,10 @@ def main() -> None:
     errors = (np.hypot(err[top], err[low_r]), np.hypot(err[top], err[low_p]))
     summary = {
         "windows": len(xis), "k_eV_per_A2": args.k, "k_wall_eV_per_A2": args.k_wall,
+        "k_bond_eV_per_A2": args.k_bond, "bond_wall_A": args.bond,
+        # the bond wall only keeps the run where the model was trained if it seldom acts
+        "longest_shorter_C_Cl_A": float(max(s.max() for s in shorter)),
+        "fraction_of_samples_beyond_bond_wall": float(np.mean(np.concatenate(shorter) > args.bond)),
         "ps_per_window": steps_done(run_dir) * 0.5e-3,
         "samples_per_window": [int(len(s)) for s in samples],
         "independent_samples_per_window": independent.tolist(),

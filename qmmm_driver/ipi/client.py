@@ -66,6 +66,8 @@ BATCH_KEY = "batch_size"
 MAX_INIT_BYTES = 1 << 20
 #: Largest batch accepted (i-PI batches the beads or replicas of one step).
 MAX_BATCH = 4096
+#: How i-PI's shared-memory segment names start (``ipi_shm_<pid>_<fd>_<kind>``).
+SHM_NAME_PREFIX = b"ipi_shm_"
 #: Largest POSDATA payload accepted (positions and cells of one batch), bytes.
 MAX_POSDATA_BYTES = 8 << 30
 
@@ -258,6 +260,7 @@ class IPIClient:
         self._head = bytearray(148)  # POSDATA prefix: h, h^-1, nat (or only nat when batched)
         self._head_view = memoryview(self._head)
         self._buffers_for = None  # (batch_size, nat) the buffers below are sized for
+        self._mode_checked = False  # the first POSDATA is checked against --shm
 
     # ---- low-level I/O
     def _recv_into(self, view: memoryview, what: str) -> None:
@@ -385,9 +388,33 @@ class IPIClient:
         self._reply = FORCEREADY  # the numbers go into the segments; the socket carries the extras
         self._buffers_for = (B, nat)
 
+    def _check_mode(self) -> None:
+        """Refuse a worker whose ``--shm`` does not match the ``<ffsocket>``'s mode, on the first POSDATA.
+
+        Read the wrong way, one layout's bytes look like a wrong atom count or leave the worker waiting for
+        bytes that never come. The two are told apart without consuming anything: in shm mode the first
+        POSDATA is ``nat``, then the first segment name as ``len``, ``name``, and i-PI's names start with
+        ``ipi_shm_``; in the socket layouts the same bytes are parts of float64 cells.
+        """
+        need = 8 + 1 + len(SHM_NAME_PREFIX)
+        peek = self.sock.recv(need, socket.MSG_PEEK | socket.MSG_WAITALL)
+        if len(peek) < need:
+            raise ConnectionLost("i-PI closed the connection without sending EXIT (while reading POSDATA)")
+        length = int(np.frombuffer(peek, np.int32, 1, 4)[0])
+        shm_layout = 0 < length <= 255 and peek[8:].lstrip(b"/").startswith(SHM_NAME_PREFIX)
+        if shm_layout and not self.shm:
+            raise ProtocolError("i-PI serves this socket in shared-memory mode (<ffsocket mode='shm'>): start the "
+                                "worker with --shm, on the machine that runs i-PI")
+        if self.shm and not shm_layout:
+            raise ProtocolError("this worker was started with --shm, but i-PI sends the positions on the socket "
+                                "(<ffsocket mode='unix'>): drop --shm, or set mode='shm' in the i-PI input")
+        self._mode_checked = True
+
     def _read_posdata(self):
         B = self.batch_size
         head = self._head
+        if not self._mode_checked:
+            self._check_mode()
         if self.shm:
             self._recv_into(self._head_view[:4], "POSDATA")
             nat = int(np.frombuffer(head, np.int32, 1)[0])
