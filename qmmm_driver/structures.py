@@ -27,7 +27,7 @@ ranges, e.g. ``"0-5,9"``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,10 @@ from .units import (ANGSTROM_TO_BOHR, BOHR, E_BOHR_TO_E_ANGSTROM, EV_PER_A_TO_HA
 
 class StructureError(InputError):
     """A structure, frame file or QM selection that cannot describe a QM/MM configuration."""
+
+
+#: ``info`` keys that ``qmmm-driver label`` writes with the labels: they describe the labels, not the frame
+LABEL_INFO = ("reference", "qm_charges_scheme", "source_index")
 
 
 def parse_selection(text: str, n_atoms: int) -> np.ndarray:
@@ -169,6 +173,14 @@ class QMMMStructure:
             raise StructureError(
                 f"{self.source}: MM atom {a} is in the same molecule as QM atom {qm_mate} ({origin}); the QM region "
                 "must be made of whole molecules: select every atom of that molecule as QM")
+
+    def moved(self, positions: np.ndarray, **info) -> "QMMMStructure":
+        """A copy at ``positions`` (Bohr) without labels, for augmented frames to be labelled afresh: the energy,
+        forces, charges, dipole and the labels' ``info`` (:data:`LABEL_INFO`) belong to the old positions.
+        ``info`` is added to the frame's own."""
+        kept = {k: v for k, v in self.info.items() if k not in LABEL_INFO}
+        return replace(self, positions=positions, energy=None, forces=None, qm_charges=None, dipole=None,
+                       info={**kept, **info})
 
     # ---- derived quantities
     @property

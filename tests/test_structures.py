@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from qmmm_driver.structures import (QMMMStructure, StructureError, complete_frames, parse_selection,
+from qmmm_driver.structures import (LABEL_INFO, QMMMStructure, StructureError, complete_frames, parse_selection,
                                     read_structures, structures_text, write_structures)
 
 from conftest import water_box, water_cluster
@@ -33,6 +33,19 @@ def test_units_at_the_boundary(tmp_path):
     assert np.allclose(back.forces, s.forces, atol=1e-12) and np.array_equal(back.qm, s.qm)
     plain = ase.io.read(tmp_path / "f.extxyz")  # plain ASE reads the same numbers, in eV and Angstrom
     assert plain.get_potential_energy() == pytest.approx(-2078.5) and np.allclose(plain.get_forces(), forces)
+
+
+def test_a_moved_copy_drops_the_labels_and_their_info():
+    atoms, _ = labelled_atoms()
+    atoms.info.update(reference="b3lyp/6-31+g*", qm_charges_scheme="iao", source_index=7, environment="bulk")
+    s = QMMMStructure.from_atoms(atoms)
+    pos = s.positions + 0.1
+    m = s.moved(pos, augmented="shifted")
+    assert m.energy is None and m.forces is None and m.qm_charges is None and m.dipole is None
+    assert m.info == {**{k: v for k, v in s.info.items() if k not in LABEL_INFO}, "augmented": "shifted"}
+    assert "environment" in m.info and not set(LABEL_INFO) & set(m.info)
+    assert np.array_equal(m.positions, pos) and np.array_equal(m.mm_charge, s.mm_charge)
+    assert s.energy is not None and s.info["source_index"] == 7  # the original is untouched
 
 
 def test_compressed_files_read_like_plain_ones(tmp_path):

@@ -14,7 +14,6 @@ frames (labelled or not), finds the nearest MM oxygen of each hydroxyl hydrogen 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 import numpy as np
 
@@ -32,8 +31,7 @@ def pushed(frame, rng, oxygen: int, hydrogen: int, reach_A: float = 2.6):
     direction = (target - h) / np.linalg.norm(target - h)
     shift_A = rng.uniform(0.05, 0.5)
     pos[frame.qm_indices[hydrogen]] = h + direction * shift_A * ANGSTROM_TO_BOHR
-    info = dict(frame.info, hydroxyl_push_A=round(shift_A, 4))
-    return replace(frame, positions=pos, energy=None, forces=None, qm_charges=None, dipole=None, info=info)
+    return frame.moved(pos, hydroxyl_push_A=round(shift_A, 4))
 
 
 def main() -> None:

@@ -20,8 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dataclasses import replace
-
 from qmmm_driver.structures import QMMMStructure, read_structures, write_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
@@ -29,7 +27,6 @@ HERE = Path(__file__).resolve().parent
 # QM atom (index in the frame), O-atom distance range (A), probability
 TARGETS = (("C", 0, (2.3, 3.0), 0.6), ("H", None, (2.0, 2.6), 0.4))
 MIN_CLEARANCE_A = 1.6  # moved water vs every other atom
-LABEL_KEYS = ("reference", "qm_charges_scheme", "source_index")  # belong to the source frame's labels
 
 
 def push_water(frame: QMMMStructure, rng: np.random.Generator) -> QMMMStructure | None:
@@ -51,9 +48,8 @@ def push_water(frame: QMMMStructure, rng: np.random.Generator) -> QMMMStructure 
     if gap < MIN_CLEARANCE_A * ANGSTROM_TO_BOHR:
         return None
     reached = np.linalg.norm(pos[o] - pos[target]) / ANGSTROM_TO_BOHR
-    info = {k: v for k, v in frame.info.items() if k not in LABEL_KEYS}
-    info.update(environment="close contact", augmented=f"water {o} pushed to {reached:.2f} A of QM atom {target}")
-    return replace(frame, positions=pos, info=info, energy=None, forces=None, qm_charges=None, dipole=None)
+    return frame.moved(pos, environment="close contact",
+                       augmented=f"water {o} pushed to {reached:.2f} A of QM atom {target}")
 
 
 def main() -> None:

@@ -20,7 +20,6 @@ random value in ``--range`` (A). Frames where a moved chlorine comes closer than
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,6 @@ from qmmm_driver.units import ANGSTROM_TO_BOHR
 HERE = Path(__file__).resolve().parent
 CARBON, CHLORINES = 0, (4, 5)
 MIN_CLEARANCE_A = 1.6  # moved chlorine vs every MM atom
-LABEL_KEYS = ("reference", "qm_charges_scheme", "source_index")  # belong to the source frame's labels
 
 
 def stretch(frame: QMMMStructure, shorter_A: float) -> QMMMStructure | None:
@@ -51,10 +49,8 @@ def stretch(frame: QMMMStructure, shorter_A: float) -> QMMMStructure | None:
     if gap < MIN_CLEARANCE_A * ANGSTROM_TO_BOHR:
         return None
     new = np.linalg.norm(pos[list(CHLORINES)] - pos[CARBON], axis=1) / ANGSTROM_TO_BOHR
-    info = {k: v for k, v in frame.info.items() if k not in LABEL_KEYS}
-    info.update(environment="stretched C-Cl", augmented=f"both C-Cl lengthened by {grow / ANGSTROM_TO_BOHR:.2f} A "
-                f"to {new[0]:.2f} and {new[1]:.2f} A")
-    return replace(frame, positions=pos, info=info, energy=None, forces=None, qm_charges=None, dipole=None)
+    return frame.moved(pos, environment="stretched C-Cl", augmented=f"both C-Cl lengthened by "
+                       f"{grow / ANGSTROM_TO_BOHR:.2f} A to {new[0]:.2f} and {new[1]:.2f} A")
 
 
 def main() -> None:
