@@ -27,6 +27,17 @@ torch.set_num_threads(1)
 os.environ["PATH"] = sysconfig.get_path("scripts") + os.pathsep + os.environ.get("PATH", "")
 
 
+def load_example(relative: str):
+    """An example script (``relative`` to the repository, e.g. ``examples/sn2/free_energy.py``) as a module."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def water_box(n_side: int = 8, spacing: float = 3.25, seed: int = 0, triclinic: bool = False) -> Atoms:
     """A periodic box of n_side**3 randomly oriented waters; the first one is QM."""
     rng = np.random.default_rng(seed)

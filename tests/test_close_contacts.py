@@ -1,26 +1,16 @@
 """examples/sn2/close_contacts.py: the moved water lands where asked, rigid, and nothing else moves."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
 from qmmm_driver.launcher import MODELS
 from qmmm_driver.structures import read_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("close_contacts", REPO / "examples" / "sn2" / "close_contacts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 def test_pushed_water_is_rigid_and_in_range():
-    script = load_script()
+    script = load_example("examples/sn2/close_contacts.py")
     frame = read_structures(MODELS / "sn2" / "system.extxyz")[0]
     rng = np.random.default_rng(3)
     made = [f for f in (script.push_water(frame, rng) for _ in range(20)) if f is not None]

@@ -1,23 +1,13 @@
 """examples/sn2/free_energy.py: MBAR recovers a known free-energy profile from umbrella samples, with error bars
 that cover the truth."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("free_energy", REPO / "examples" / "sn2" / "free_energy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 def test_mbar_recovers_a_known_double_well():
-    script = load_script()
+    script = load_example("examples/sn2/free_energy.py")
     kT, k = 0.025852, 3.0
     grid = np.linspace(-2.6, 2.6, 5201)
     truth = 0.35 * (grid**2 - 1.2**2) ** 2 / 1.2**4  # eV: minima at +-1.2, barrier 0.35 eV at 0

@@ -1,8 +1,5 @@
 """examples/sn2/stretched_bonds.py: both C-Cl bonds grow by the same amount along their axes, nothing else moves."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -10,18 +7,11 @@ from qmmm_driver.launcher import MODELS
 from qmmm_driver.structures import read_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("stretched_bonds", REPO / "examples" / "sn2" / "stretched_bonds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_example
 
 
 def test_both_bonds_grow_along_their_axes():
-    script = load_script()
+    script = load_example("examples/sn2/stretched_bonds.py")
     frame = read_structures(MODELS / "sn2" / "system.extxyz")[0]
     c, cls = script.CARBON, list(script.CHLORINES)
     before = np.linalg.norm(frame.positions[cls] - frame.positions[c], axis=1)

@@ -52,6 +52,18 @@ def push_water(frame: QMMMStructure, rng: np.random.Generator) -> QMMMStructure 
                        augmented=f"water {o} pushed to {reached:.2f} A of QM atom {target}")
 
 
+def augmented(source: list[QMMMStructure], make, count: int, rng: np.random.Generator) -> list[QMMMStructure]:
+    """Up to ``count`` frames ``make(frame)`` of ``source`` frames taken in random order (None: skipped)."""
+    made: list[QMMMStructure] = []
+    for i in rng.permutation(len(source)):
+        frame = make(source[i])
+        if frame is not None:
+            made.append(frame)
+        if len(made) == count:
+            break
+    return made
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", type=Path, default=HERE / "data" / "sn2_bulk.extxyz.xz")
@@ -60,14 +72,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=11)
     args = p.parse_args()
     rng = np.random.default_rng(args.seed)
-    source = read_structures(args.source)
-    made: list[QMMMStructure] = []
-    for i in rng.permutation(len(source)):
-        frame = push_water(source[i], rng)
-        if frame is not None:
-            made.append(frame)
-        if len(made) == args.frames:
-            break
+    made = augmented(read_structures(args.source), lambda frame: push_water(frame, rng), args.frames, rng)
     write_structures(args.out, made)
     print(f"wrote {len(made)} close-contact frames to {args.out}")
 

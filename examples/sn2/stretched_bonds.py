@@ -20,6 +20,7 @@ random value in ``--range`` (A). Frames where a moved chlorine comes closer than
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,9 @@ from qmmm_driver.structures import QMMMStructure, read_structures, write_structu
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from close_contacts import augmented  # noqa: E402
+
 CARBON, CHLORINES = 0, (4, 5)
 MIN_CLEARANCE_A = 1.6  # moved chlorine vs every MM atom
 
@@ -63,14 +67,7 @@ def main() -> None:
     args = p.parse_args()
     lo, hi = (float(x) for x in args.range.split(":"))
     rng = np.random.default_rng(args.seed)
-    source = read_structures(args.source)
-    made: list[QMMMStructure] = []
-    for i in rng.permutation(len(source)):
-        frame = stretch(source[i], rng.uniform(lo, hi))
-        if frame is not None:
-            made.append(frame)
-        if len(made) == args.frames:
-            break
+    made = augmented(read_structures(args.source), lambda frame: stretch(frame, rng.uniform(lo, hi)), args.frames, rng)
     write_structures(args.out, made)
     print(f"wrote {len(made)} stretched-bond frames to {args.out}")
 
