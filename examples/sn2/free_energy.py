@@ -112,13 +112,15 @@ def ipi_input(xis, starts, k_eV: float, k_wall: float, k_bond: float, bond: floa
 """
 
 
-def window_samples(run_dir: Path, n_windows: int, discard: float) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """xi and the shorter C-Cl distance (A) of every window's recorded steps, after discarding the first
-    fraction ``discard``."""
+def window_samples(run_dir: Path, n_windows: int, discard: float,
+                   last_step: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """xi and the shorter C-Cl distance (A) of every window's recorded steps up to ``last_step`` (all if None),
+    after discarding the first fraction ``discard`` of them."""
     xis, shorter = [], []
     for k in range(n_windows):
         values, _ = read_output(str(run_dir / f"w{k:02d}_simulation.out"))
-        c, cl1, cl2 = (np.atleast_2d(values[f"atom_x(atom={a})"]) for a in (0, 4, 5))
+        upto = np.atleast_1d(values["step"]) <= (np.inf if last_step is None else last_step)
+        c, cl1, cl2 = (np.atleast_2d(values[f"atom_x(atom={a})"])[upto] for a in (0, 4, 5))
         d1, d2 = np.linalg.norm(cl1 - c, axis=1), np.linalg.norm(cl2 - c, axis=1)
         kept = slice(int(len(d1) * discard), None)
         xis.append((d1 - d2)[kept])
@@ -168,6 +170,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4000, help="steps of 0.5 fs per window (default 4000 = 2 ps)")
     p.add_argument("--equilibrate", type=float, default=2.0, help="ps of OpenMM equilibration per window start")
     p.add_argument("--discard", type=float, default=0.2, help="fraction of each window discarded")
+    p.add_argument("--last-step", type=int, default=None,
+                   help="analyse the steps up to this one only (e.g. those before a window blew up)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "sn2-umbrella")
     p.add_argument("--analyse-only", action="store_true")
@@ -185,7 +189,7 @@ def main() -> None:
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
 
-    samples, shorter = window_samples(run_dir, len(xis), args.discard)
+    samples, shorter = window_samples(run_dir, len(xis), args.discard, args.last_step)
     bins = np.linspace(xis[0] - 0.4, xis[-1] + 0.4, 81)
     mid, free, err, independent = free_energy(samples, xis, args.k, KT_300, bins)
     kcal = 23.0605  # kcal/mol per eV
@@ -202,7 +206,7 @@ def main() -> None:
         # the bond wall only keeps the run where the model was trained if it seldom acts
         "longest_shorter_C_Cl_A": float(max(s.max() for s in shorter)),
         "fraction_of_samples_beyond_bond_wall": float(np.mean(np.concatenate(shorter) > args.bond)),
-        "ps_per_window": steps_done(run_dir) * 0.5e-3,
+        "ps_per_window": min(steps_done(run_dir), args.last_step or np.inf) * 0.5e-3,
         "samples_per_window": [int(len(s)) for s in samples],
         "independent_samples_per_window": independent.tolist(),
         "reactant_xi_A": float(mid[low_r]), "transition_state_xi_A": float(mid[top]), "product_xi_A": float(mid[low_p]),
