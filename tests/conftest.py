@@ -358,6 +358,8 @@ class Procs:
                 os.killpg(p.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            for segment in Path("/dev/shm").glob(f"ipi_shm_{p.pid}_*"):  # an i-PI killed here leaves its shared memory
+                segment.unlink(missing_ok=True)
         for s in self.sockets:
             try:
                 s.unlink()
