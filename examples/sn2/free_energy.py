@@ -159,7 +159,9 @@ def main() -> None:
     p.add_argument("--windows", default="-2.0:2.0:21",
                    help="xi0 values start:stop:count (A); write --windows=-2.0:2.0:21 (a value starting with - "
                         "needs the =)")
-    p.add_argument("--k", type=float, default=3.0, help="umbrella force constant, eV/A^2 (default 3)")
+    p.add_argument("--k", type=float, default=5.0,
+                   help="umbrella force constant, eV/A^2 (default 5: with 3 the transition-state window slid 0.2 A "
+                        "off its centre and lost overlap with its neighbour)")
     p.add_argument("--k-wall", type=float, default=10.0,
                    help="collinearity wall on d(C-Cl1) + d(C-Cl2) - d(Cl1-Cl2) > 0.3 A, eV/A^2 (default 10; 0: none)")
     p.add_argument("--k-bond", type=float, default=20.0,
