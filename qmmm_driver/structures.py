@@ -344,6 +344,20 @@ class QMMMStructure:
 
 # --------------------------------------------------------------------------- files
 
+def augmented(source: list[QMMMStructure], make, count: int, rng: np.random.Generator) -> list[QMMMStructure]:
+    """Up to ``count`` frames ``make(frame)`` (None: skipped) of ``source`` frames taken in ``rng``'s random order:
+    the loop of the scripts that make training frames by moving atoms of labelled ones (with
+    :meth:`QMMMStructure.moved`)."""
+    made: list[QMMMStructure] = []
+    for i in rng.permutation(len(source)):
+        frame = make(source[i])
+        if frame is not None:
+            made.append(frame)
+        if len(made) == count:
+            break
+    return made
+
+
 def _uncompressed(path: Path):
     """``path`` itself, or the decompressed text of a .xz/.gz/.bz2 file in memory.
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from qmmm_driver.structures import (LABEL_INFO, QMMMStructure, StructureError, complete_frames, parse_selection,
-                                    read_structures, structures_text, write_structures)
+from qmmm_driver.structures import (LABEL_INFO, QMMMStructure, StructureError, augmented, complete_frames,
+                                    parse_selection, read_structures, structures_text, write_structures)
 
 from conftest import water_box, water_cluster
 
@@ -46,6 +46,18 @@ def test_a_moved_copy_drops_the_labels_and_their_info():
     assert "environment" in m.info and not set(LABEL_INFO) & set(m.info)
     assert np.array_equal(m.positions, pos) and np.array_equal(m.mm_charge, s.mm_charge)
     assert s.energy is not None and s.info["source_index"] == 7  # the original is untouched
+
+
+def test_augmented_frames_skip_refusals_and_stop_at_the_count():
+    source = [QMMMStructure.from_atoms(labelled_atoms()[0]) for _ in range(6)]
+    for k, s in enumerate(source):
+        s.info["k"] = k
+    made = augmented(source, lambda f: None if f.info["k"] % 2 else f.moved(f.positions, made_from=f.info["k"]), 2,
+                     np.random.default_rng(4))
+    assert len(made) == 2 and all(m.info["made_from"] % 2 == 0 for m in made)
+    again = augmented(source, lambda f: None if f.info["k"] % 2 else f.moved(f.positions, made_from=f.info["k"]), 2,
+                      np.random.default_rng(4))
+    assert [m.info["made_from"] for m in made] == [m.info["made_from"] for m in again]  # the seed fixes the order
 
 
 def test_compressed_files_read_like_plain_ones(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qmmm_driver.structures import QMMMStructure, read_structures, write_structures
+from qmmm_driver.structures import QMMMStructure, augmented, read_structures, write_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
 HERE = Path(__file__).resolve().parent
@@ -50,18 +50,6 @@ def push_water(frame: QMMMStructure, rng: np.random.Generator) -> QMMMStructure 
     reached = np.linalg.norm(pos[o] - pos[target]) / ANGSTROM_TO_BOHR
     return frame.moved(pos, environment="close contact",
                        augmented=f"water {o} pushed to {reached:.2f} A of QM atom {target}")
-
-
-def augmented(source: list[QMMMStructure], make, count: int, rng: np.random.Generator) -> list[QMMMStructure]:
-    """Up to ``count`` frames ``make(frame)`` of ``source`` frames taken in random order (None: skipped)."""
-    made: list[QMMMStructure] = []
-    for i in rng.permutation(len(source)):
-        frame = make(source[i])
-        if frame is not None:
-            made.append(frame)
-        if len(made) == count:
-            break
-    return made
 
 
 def main() -> None:

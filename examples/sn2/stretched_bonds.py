@@ -20,18 +20,14 @@ random value in ``--range`` (A). Frames where a moved chlorine comes closer than
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from qmmm_driver.structures import QMMMStructure, read_structures, write_structures
+from qmmm_driver.structures import QMMMStructure, augmented, read_structures, write_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from close_contacts import augmented  # noqa: E402
-
 CARBON, CHLORINES = 0, (4, 5)
 MIN_CLEARANCE_A = 1.6  # moved chlorine vs every MM atom
 
