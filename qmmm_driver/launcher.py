@@ -37,11 +37,10 @@ from pathlib import Path
 
 from .errors import InputError, read_toml
 from .ipi.outputs import OutputSpec, checkpoint_step, last_step, output_specs, truncate_after
+from .ipi.shm import remove_segments
 from .signals import describe, exit_status
 
 SOCKET_PREFIX = "/tmp/ipi_"
-#: where POSIX shared memory appears as files (Linux): i-PI names its segments ipi_shm_<pid>_...
-SHM_DIR = "/dev/shm"
 PACKAGE = resources.files("qmmm_driver")
 #: the i-PI templates and shipped models, inside the installed package
 TEMPLATES = Path(str(PACKAGE / "inputs"))
@@ -363,9 +362,7 @@ class Run:
                 self._kill(proc, signal.SIGKILL)  # anything the worker left in its session (MPI ranks)
             if self.ipi is not None:
                 self._kill(self.ipi, signal.SIGKILL)
-                # the shared memory of shm sockets, which an i-PI that died (or was killed) could not remove
-                for segment in Path(SHM_DIR).glob(f"ipi_shm_{self.ipi.pid}_*"):
-                    segment.unlink(missing_ok=True)
+                remove_segments(self.ipi.pid)  # the shared memory of shm sockets
             for s in self.sockets:
                 s.path.unlink(missing_ok=True)
             for fh in self.logs:

@@ -18,6 +18,8 @@ import torch
 from ase import Atoms
 from ase.build import molecule
 
+from qmmm_driver.ipi.shm import remove_segments
+
 TIP3P = np.array([-0.834, 0.417, 0.417])
 
 # the test models are tiny: one thread is fastest and leaves the other core to i-PI and workers
@@ -358,8 +360,7 @@ class Procs:
                 os.killpg(p.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            for segment in Path("/dev/shm").glob(f"ipi_shm_{p.pid}_*"):  # an i-PI killed here leaves its shared memory
-                segment.unlink(missing_ok=True)
+            remove_segments(p.pid)  # an i-PI killed here leaves its shared memory
         for s in self.sockets:
             try:
                 s.unlink()

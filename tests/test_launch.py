@@ -15,6 +15,7 @@ import pytest
 
 from conftest import SMALL_MM_ARGS, read_ipi_properties
 
+from qmmm_driver.ipi.shm import NAME_PREFIX, SHM_DIR
 from qmmm_driver.launcher import TEMPLATES, auto_batch
 
 LAUNCH = [sys.executable, "-m", "qmmm_driver.cli", "launch"]
@@ -65,9 +66,9 @@ def leftovers(run_dir: Path) -> list[str]:
     alive += [line for t in tags for line in
               subprocess.run(["pgrep", "-af", t], capture_output=True, text=True).stdout.splitlines()]
     sockets = [str(p) for t in tags for p in Path("/tmp").glob(f"ipi_{t}")]
-    # shared memory of shm sockets (ipi_shm_<i-PI pid>_...) whose i-PI is gone
-    segments = [str(p) for p in Path("/dev/shm").glob("ipi_shm_*")
-                if not Path(f"/proc/{p.name.split('_')[2]}").exists()]
+    # shared memory of shm sockets (NAME_PREFIX + <i-PI pid>_...) whose i-PI is gone
+    segments = [str(p) for p in SHM_DIR.glob(NAME_PREFIX + "*")
+                if not Path(f"/proc/{p.name[len(NAME_PREFIX):].split('_')[0]}").exists()]
     return [line for line in alive if "pgrep" not in line] + sockets + segments
 
 

@@ -66,8 +66,6 @@ BATCH_KEY = "batch_size"
 MAX_INIT_BYTES = 1 << 20
 #: Largest batch accepted (i-PI batches the beads or replicas of one step).
 MAX_BATCH = 4096
-#: How i-PI's shared-memory segment names start (``ipi_shm_<pid>_<fd>_<kind>``).
-SHM_NAME_PREFIX = b"ipi_shm_"
 #: Largest POSDATA payload accepted (positions and cells of one batch), bytes.
 MAX_POSDATA_BYTES = 8 << 30
 
@@ -396,12 +394,15 @@ class IPIClient:
         POSDATA is ``nat``, then the first segment name as ``len``, ``name``, and i-PI's names start with
         ``ipi_shm_``; in the socket layouts the same bytes are parts of float64 cells.
         """
-        need = 8 + 1 + len(SHM_NAME_PREFIX)
+        from .shm import NAME_PREFIX
+
+        prefix = NAME_PREFIX.encode()
+        need = 8 + 1 + len(prefix)
         peek = self.sock.recv(need, socket.MSG_PEEK | socket.MSG_WAITALL)
         if len(peek) < need:
             raise ConnectionLost("i-PI closed the connection without sending EXIT (while reading POSDATA)")
         length = int(np.frombuffer(peek, np.int32, 1, 4)[0])
-        shm_layout = 0 < length <= 255 and peek[8:].lstrip(b"/").startswith(SHM_NAME_PREFIX)
+        shm_layout = 0 < length <= 255 and peek[8:].lstrip(b"/").startswith(prefix)
         if shm_layout and not self.shm:
             raise ProtocolError("i-PI serves this socket in shared-memory mode (<ffsocket mode='shm'>): start the "
                                 "worker with --shm, on the machine that runs i-PI")

@@ -15,11 +15,22 @@ before ``POSDATA`` and reads the results after ``FORCEREADY``.
 from __future__ import annotations
 
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import numpy as np
 
 #: the segments, in the order i-PI names them
 KINDS = ("pos", "h", "ih", "pot", "force", "vir")
+#: how i-PI names a segment: NAME_PREFIX + "<i-PI pid>_<socket fd>_<kind>"
+NAME_PREFIX = "ipi_shm_"
+#: where POSIX shared memory appears as files (Linux)
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_segments(ipi_pid: int) -> None:
+    """Remove the segments of the i-PI process ``ipi_pid``, which an i-PI that died or was killed could not."""
+    for segment in SHM_DIR.glob(f"{NAME_PREFIX}{ipi_pid}_*"):
+        segment.unlink(missing_ok=True)
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
