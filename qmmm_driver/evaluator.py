@@ -21,6 +21,7 @@ from typing import Mapping, Protocol
 import numpy as np
 import torch
 
+from .domain import DomainCheck
 from .embedding import Embedding, NonFiniteInput, Presented
 from .errors import InputError
 from .nn import QMMMModel
@@ -149,7 +150,9 @@ class ModelEvaluator:
     the energies are float64. ``compiled`` is an ahead-of-time compiled form of
     the model's :class:`~qmmm_driver.nn.potential.Potential` (the eager one
     otherwise). Parameter: ``coupling`` scales every MM charge (the QM-MM
-    electrostatic coupling strength, 1 by default).
+    electrostatic coupling strength, 1 by default). A QM geometry outside the model's
+    training domain is reported as an :class:`~qmmm_driver.domain.ExtrapolationWarning`
+    (:attr:`domain`; None for a model file that does not record its domain).
     """
 
     parameters = {"coupling": (float, 1.0, "scales every MM charge (QM-MM electrostatic coupling), e.g. for "
@@ -174,6 +177,9 @@ class ModelEvaluator:
         self._total = float(structure.qm_total_charge)
         self._link_g = torch.as_tensor(structure.link_g, device=self.device, dtype=torch.float64)[None, :, None]
         self._per_batch: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # B -> (species, total charges)
+        names = [f"QM atom {int(i)}" for i in structure.qm_indices]
+        names += [f"the link H of the bond {int(q)}-{int(m)}" for q, m in structure.links]
+        self.domain = DomainCheck.of_model(model, self._species.cpu().numpy(), names)
 
     def _batch_constants(self, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         if B not in self._per_batch:
@@ -216,6 +222,8 @@ class ModelEvaluator:
                 m1 = (p.m1_pos - origin).requires_grad_(True)
                 q1 = qm[:, self.embedding.link_q1]
                 qm_all = torch.cat([qm, q1 + self._link_g * (m1 - q1)], dim=1)
+            if self.domain is not None:  # warns when the QM geometry leaves the training domain
+                self.domain.check(qm_all.detach().cpu().numpy())
             charges = p.charges(qm, mm)
             if coupling != 1.0:
                 charges = charges * coupling

@@ -67,6 +67,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"MM forces   MAE {_fmt(summary['mm_force_mae_meV_per_A'], '10.2f')} meV/A    RMSE "
           f"{_fmt(summary['mm_force_rmse_meV_per_A'], '10.2f')} meV/A  (within {args.mm_radius} A of the QM region)")
     print(f"QM charges  MAE {_fmt(summary['charge_mae_e'], '10.4f')} e")
+    if summary["frames_outside_domain"]:
+        print(f"outside the training domain: {summary['frames_outside_domain']} frames (by up to "
+              f"{summary['largest_excursion_A']:.2f} A; README, 'Training domain')")
     if args.parity is not None:
         print(f"parity plot: {args.parity}")
     return 0

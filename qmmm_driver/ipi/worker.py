@@ -10,6 +10,9 @@ EXIT and returns the exit status:
 - 3: i-PI went away without EXIT or broke the protocol;
 - 4: a non-finite result, or non-finite positions from i-PI (nothing is sent then).
 
+Warnings (a structure outside the model's training domain, say) go to the same log as one
+``qmmm-driver COMMAND: warning: ...`` line each.
+
 SIGTERM and SIGHUP end a worker like Ctrl-C (:mod:`qmmm_driver.signals`, set up by the command line): the exit
 line is still written, and the status is 128 + the signal.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from ..errors import InputError
 from ..signals import describe
@@ -80,6 +84,7 @@ def serve(command: str, args, build) -> int:
 
     placement = detect_placement()
     tag = f"[rank {placement.rank}/{placement.size}] " if placement.size > 1 else ""
+    warnings.showwarning = lambda message, *_, **__: log(command, f"warning: {tag}{message}")
     client = None
     code, outcome = EXIT_INPUT, "interrupted"
     try:

@@ -26,7 +26,7 @@ from .config import TrainConfig
 from .data import batches, elements_of, prepare, rows_in, split_indices
 from .loss import loss_terms, predict, total_loss
 from .metrics import Metrics, evaluate_structures
-from .statistics import fit_statistics
+from .statistics import fit_statistics, training_domain
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -139,6 +139,7 @@ class Trainer:
         else:
             self.model = QMMMModel(self.settings)
             self.stats = fit_statistics(self.model, self.sets, self.rows["train"])
+        self.stats["domain"] = training_domain(self.model, self.sets, self.rows["train"])  # fine-tuning widens it
         self.model = self.model.to(self.device, self.dtype)
         self.ema = QMMMModel(self.settings).to(self.device, self.dtype)
         self.ema.load_state_dict(self.model.state_dict())

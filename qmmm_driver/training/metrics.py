@@ -9,8 +9,11 @@ offset that is the same in every frame is a missing piece of physics, not noise.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
+from ..domain import TOLERANCE, ExtrapolationWarning
 from ..units import BOHR, HARTREE
 
 EV_PER_A = HARTREE / BOHR
@@ -24,6 +27,7 @@ class Metrics:
     def __init__(self):
         self.errors = {k: [] for k in self.KEYS}
         self.n_frames = 0
+        self.beyond_domain: list[float] | None = None  # per frame, Bohr beyond the training domain (0 inside)
 
     def add(self, key: str, error) -> None:
         self.errors[key].append(np.asarray(error, dtype=np.float64).reshape(-1))
@@ -70,6 +74,10 @@ class Metrics:
             "mm_force_rmse_meV_per_A": self.rmse("mm_forces"),
             "charge_mae_e": self.mae("charges"),
             "dipole_mae_eA": self.mae("dipole"),
+            # frames whose QM geometry leaves the model's training domain (qmmm_driver.domain); null: not recorded
+            "frames_outside_domain": None if self.beyond_domain is None
+            else int(sum(x > TOLERANCE for x in self.beyond_domain)),
+            "largest_excursion_A": None if not self.beyond_domain else max(self.beyond_domain) * BOHR,
         }
 
 
@@ -85,7 +93,12 @@ def evaluate_structures(model, structures, mm_radius: float, device="cpu", dtype
     metrics = Metrics()
     pairs = {"energy": [], "forces": [], "charges": []}
     for s in tqdm(structures, desc="evaluating", unit="frame", disable=not progress):
-        res = ModelEvaluator(model, s, device, dtype).compute(s.positions, s.cell)
+        ev = ModelEvaluator(model, s, device, dtype)
+        with warnings.catch_warnings():  # counted in the summary instead of one warning per frame
+            warnings.simplefilter("ignore", ExtrapolationWarning)
+            res = ev.compute(s.positions, s.cell)
+        if ev.domain is not None:
+            metrics.beyond_domain = (metrics.beyond_domain or []) + [ev.domain.largest]
         qm, mm = s.qm_indices, s.mm_indices
         near = mm[np.linalg.norm(s.positions[mm][:, None] - s.positions[qm][None], axis=-1).min(axis=1) < mm_radius] \
             if len(mm) else mm

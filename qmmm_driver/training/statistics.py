@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..domain import fit_domain
 from ..nn.multipoles import taylor_tensors
 from .data import FrameSet, with_links
 
@@ -54,3 +55,14 @@ def fit_statistics(model, sets: list[FrameSet], rows_of: list[torch.Tensor]) -> 
     return {"env_scale": model.env_scale.tolist(), "energy_shift": shift.tolist(),
             "energy_scale": float(model.energy_scale), "avg_neighbors": float(model.avg_neighbors),
             "short_neighbors": float(model.short_neighbors)}
+
+
+def training_domain(model, sets: list[FrameSet], rows_of: list[torch.Tensor]) -> dict:
+    """The QM geometries of the training rows of ``sets`` as :func:`~qmmm_driver.domain.fit_domain` records
+    them (link hydrogens included), for the model's metadata."""
+    def frames():
+        for fs, rows in zip(sets, rows_of):
+            if len(rows):
+                b = fs.select(rows)
+                yield with_links(b, b.qm, b.near_pos).numpy(), b.species.numpy()
+    return fit_domain(frames(), model.elements, model.settings.cutoff)
