@@ -276,3 +276,42 @@ threads = 1
         pytest.approx([frames[i].energy for i in written["test"]], abs=1e-9)
     (tmp_path / "cfg.toml").write_text((tmp_path / "cfg.toml").read_text().replace("= 2.0", "= 4.0"))
     assert len(Trainer(load_config(tmp_path / "cfg.toml"), progress=False).structures) == 12
+
+
+def test_frame_weights_scale_each_frames_share_of_the_loss():
+    from qmmm_driver.training.data import prepare
+    from qmmm_driver.training.loss import loss_terms, predict
+
+    model, frames = teacher_frames(n=3)
+    for k, f in enumerate(frames):  # every label off by a different amount, so that each frame's error differs
+        f.energy += 0.01 * (1 + k)
+    radius = 6.0 * 1.8897
+    args = (model.elements, model.K, radius, radius, model.settings.short_range_cutoff)
+    (equal,), (weighted,) = prepare(frames, *args), prepare(frames, *args, weights=[1.0, 0.0, 3.0])
+    assert torch.equal(equal.weight, torch.ones(3)) and torch.equal(weighted.weight, torch.tensor([1.0, 0.0, 3.0],
+                                                                                                   dtype=torch.float64))
+    pred = {k: v.detach() for k, v in predict(model.double(), equal, create_graph=False).items()}
+    per_frame = [loss_terms({k: v[k_:k_ + 1] for k, v in pred.items()}, equal.select(torch.tensor([k_])))
+                 for k_ in range(3)]
+    for key in ("energy", "forces", "mm_forces", "charges", "dipole"):
+        both = loss_terms(pred, weighted)[key]
+        if key == "mm_forces":  # a mean over each frame's scored MM atoms: frames weigh by weight x count
+            counts = [int(equal.near_scored[k].sum()) for k in range(3)]
+            expect = (per_frame[0][key] * counts[0] + 3 * per_frame[2][key] * counts[2]) / (counts[0] + 3 * counts[2])
+        else:
+            expect = (per_frame[0][key] + 3 * per_frame[2][key]) / 4
+        assert float(both) == pytest.approx(float(expect), rel=1e-9), key
+    assert float(loss_terms(pred, equal)["energy"]) == pytest.approx(
+        float(sum(p["energy"] for p in per_frame) / 3), rel=1e-9)
+
+
+def test_weights_of_files_not_trained_on_are_refused(tmp_path):
+    from qmmm_driver.training.config import load_config
+    from qmmm_driver.errors import InputError
+
+    (tmp_path / "cfg.toml").write_text('[data]\nfiles = ["a.extxyz"]\nweights = {"b.extxyz" = 0.5}\n')
+    with pytest.raises(InputError, match="'b.extxyz' is not one of 'files'"):
+        load_config(tmp_path / "cfg.toml")
+    (tmp_path / "cfg.toml").write_text('[data]\nfiles = ["a.extxyz"]\nweights = {"a.extxyz" = -1}\n')
+    with pytest.raises(InputError, match="must be a number >= 0"):
+        load_config(tmp_path / "cfg.toml")

@@ -10,6 +10,9 @@
                                              # 'files') keep their split, the others are split with the seed
     max_energy_above_median = 0.0            # eV, optional: leave out frames this far above their file's
                                              # median energy (very distorted frames of a large --qm-noise)
+    weights = {"data/stretched.extxyz.xz" = 0.3}   # optional: a file's frames count this much in the loss
+                                             # (default 1), e.g. frames far from equilibrium whose large
+                                             # forces would otherwise dominate it
 
     [model]                                  # ModelSettings (qmmm_driver.nn.settings); elements from the data
     env_order = 3
@@ -86,6 +89,7 @@ class DataOptions:
     mm_force_radius: float = 6.0
     keep_split: str = ""
     max_energy_above_median: float = 0.0
+    weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -162,6 +166,11 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     )
     if not cfg.data.files:
         raise InputError(f"{path} [data]: 'files' lists no labelled frames")
+    for name, weight in cfg.data.weights.items():
+        if name not in cfg.data.files:
+            raise InputError(f"{path} [data] weights: {name!r} is not one of 'files' ({', '.join(cfg.data.files)})")
+        if not (isinstance(weight, (int, float)) and weight >= 0):
+            raise InputError(f"{path} [data] weights: the weight of {name!r} must be a number >= 0, got {weight!r}")
     if len(cfg.data.split) != 3:
         raise InputError(f"{path} [data]: split must be [train, validation, test] fractions")
     if cfg.training.dtype not in ("float32", "float64"):

@@ -47,6 +47,7 @@ class FrameSet:
     n_short: int                 # the first n_short near atoms hold all within the short-range cutoff
     near_scored: torch.Tensor    # [F, m] bool: MM force within the loss radius
     total_charge: torch.Tensor   # [F]
+    weight: torch.Tensor         # [F] how much each frame counts in the loss (1 by default)
     energy: torch.Tensor | None          # [F] Hartree
     qm_forces: torch.Tensor | None       # [F, n, 3]
     near_forces: torch.Tensor | None     # [F, m, 3]
@@ -93,9 +94,11 @@ def elements_of(structures: list[QMMMStructure]) -> list[str]:
 
 
 def prepare(structures: list[QMMMStructure], elements: list[str], env_order: int, near_radius: float,
-            loss_radius: float, short_radius: float = 0.0) -> list[FrameSet]:
+            loss_radius: float, short_radius: float = 0.0, weights: list[float] | None = None) -> list[FrameSet]:
     """The frames as :class:`FrameSet` s, one per QM atom count; radii in Bohr (``short_radius``: the model's
-    short-range cutoff, which the near atoms passed to the model must cover)."""
+    short-range cutoff, which the near atoms passed to the model must cover); ``weights``: of each frame in
+    the loss (1 each by default)."""
+    weights = [1.0] * len(structures) if weights is None else weights
     index = {e: k for k, e in enumerate(elements)}
     groups: dict[tuple[int, int], list[int]] = {}
     for k, s in enumerate(structures):
@@ -106,11 +109,11 @@ def prepare(structures: list[QMMMStructure], elements: list[str], env_order: int
             if symbol not in index:
                 raise InputError(f"{s.source} has QM element {symbol}, which the model does not know ({elements})")
         groups.setdefault((s.n_qm, len(s.links)), []).append(k)
-    return [_stack([structures[k] for k in ks], ks, index, env_order, near_radius, loss_radius, short_radius)
-            for _, ks in sorted(groups.items())]
+    return [_stack([structures[k] for k in ks], ks, [weights[k] for k in ks], index, env_order, near_radius,
+                   loss_radius, short_radius) for _, ks in sorted(groups.items())]
 
 
-def _stack(frames, rows, index, K, near_radius, loss_radius, short_radius) -> FrameSet:
+def _stack(frames, rows, weights, index, K, near_radius, loss_radius, short_radius) -> FrameSet:
     per = []
     for s in frames:
         qm, mm = s.qm_indices, s.mm_indices
@@ -157,6 +160,7 @@ def _stack(frames, rows, index, K, near_radius, loss_radius, short_radius) -> Fr
         near_pos=near_pos, near_charge=stacked("near_charge", 0.0), near_scored=stacked("near_scored", False),
         n_short=max(max(p["n_short"] for p in per), 1),
         total_charge=torch.as_tensor([p["total_charge"] for p in per], dtype=torch.float64),
+        weight=torch.as_tensor(weights, dtype=torch.float64),
         energy=None if any(p["energy"] is None for p in per) else torch.as_tensor([p["energy"] for p in per]),
         qm_forces=stacked("qm_forces"), near_forces=stacked("near_forces", 0.0),
         qm_charges=stacked("qm_charges"), dipole=stacked("dipole"))

@@ -64,9 +64,10 @@ class Trainer:
         them, in the order of 'files'), so that ``qmmm-driver evaluate --split`` finds them; frames left out by
         ``max_energy_above_median`` are in no part. ``self.split`` numbers the frames that are kept."""
         cfg = self.cfg
-        frames, kept, counts = [], [], []
+        frames, kept, counts, weights = [], [], [], []
         for name in cfg.data.files:
             these = read_structures(cfg.path(name), require_labels=True)
+            weights += [float(cfg.data.weights.get(name, 1.0))] * len(these)
             keep = np.ones(len(these), dtype=bool)
             if cfg.data.max_energy_above_median > 0:
                 keep = self._within_energy_limit(these, name, cfg.data.max_energy_above_median)
@@ -87,7 +88,7 @@ class Trainer:
         self.loss_radius = cfg.data.mm_force_radius * ANGSTROM_TO_BOHR
         short = self.settings.short_range_cutoff if self.settings.short_range else 0.0
         self.sets = prepare(self.structures, self.settings.elements, self.settings.env_order,
-                            max(self.loss_radius, short), self.loss_radius, short)
+                            max(self.loss_radius, short), self.loss_radius, short, [weights[i] for i in kept])
         self.rows = {name: rows_in(self.sets, self.split[name]) for name in ("train", "validation", "test")}
 
     @staticmethod

@@ -46,17 +46,26 @@ class LossWeights:
 
 
 def loss_terms(pred: dict, batch: FrameSet) -> dict[str, torch.Tensor]:
-    """Mean square errors in eV-based units (energy per QM atom)."""
+    """Mean square errors in eV-based units (energy per QM atom), each frame counted with its weight."""
     n_qm = batch.qm.shape[1]
-    terms = {"energy": (((pred["energy"] - batch.energy) / n_qm * HARTREE) ** 2).mean(),
-             "forces": (((pred["qm_forces"].double() - batch.qm_forces) * EV_PER_A) ** 2).mean()}
+    w = batch.weight
+
+    def mean(sq: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Weighted mean of ``sq`` [B, ...] (over the entries of ``mask`` [B, ...] only, if given)."""
+        per = w.view(-1, *[1] * (sq.dim() - 1)).expand_as(sq)
+        if mask is not None:
+            sq, per = sq[mask], per[mask]
+        return (sq * per).sum() / per.sum().clamp(min=1e-12)
+
+    terms = {"energy": mean(((pred["energy"] - batch.energy) / n_qm * HARTREE) ** 2),
+             "forces": mean(((pred["qm_forces"].double() - batch.qm_forces) * EV_PER_A) ** 2)}
     if bool(batch.near_scored.any()):
-        dm = (pred["near_forces"].double() - batch.near_forces)[batch.near_scored] * EV_PER_A
-        terms["mm_forces"] = (dm ** 2).mean()
+        dm = (pred["near_forces"].double() - batch.near_forces) * EV_PER_A
+        terms["mm_forces"] = mean(dm ** 2, batch.near_scored[..., None].expand_as(dm))
     if batch.qm_charges is not None:
-        terms["charges"] = ((pred["charges"].double() - batch.qm_charges) ** 2).mean()
+        terms["charges"] = mean((pred["charges"].double() - batch.qm_charges) ** 2)
     if batch.dipole is not None:
-        terms["dipole"] = (((pred["dipole"].double() - batch.dipole) * BOHR) ** 2).mean()
+        terms["dipole"] = mean(((pred["dipole"].double() - batch.dipole) * BOHR) ** 2)
     return terms
 
 
