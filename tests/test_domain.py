@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -17,7 +16,7 @@ from qmmm_driver.domain import STEP, TOLERANCE, DomainCheck, ExtrapolationWarnin
 from qmmm_driver.evaluator import ModelEvaluator, load
 from qmmm_driver.launcher import MODELS
 from qmmm_driver.nn.io import save_model
-from qmmm_driver.structures import QMMMStructure, read_structures, write_structures
+from qmmm_driver.structures import QMMMStructure, read_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
 from conftest import IPI_PREFIX, WORKER_CMD, tiny_model, water_cluster, write_frame
@@ -68,36 +67,6 @@ def test_check_reports_a_stretched_bond_once_then_only_as_it_grows():
     assert len(seen) == 2
     check.check(water(1.8, 1.8, angle=40.0)[None])                    # H-H too near: another kind, reported
     assert len(seen) == 3 and "nearest QM H" in seen[2] and "QM atom 6 (H)" in seen[2]
-
-
-def test_training_records_the_domain_of_its_training_frames(tmp_path):
-    from test_training import run_cli, teacher_frames
-
-    _, frames = teacher_frames(n=12)
-    write_structures(tmp_path / "frames.extxyz", frames)
-    (tmp_path / "cfg.toml").write_text("""
-[data]
-files = ["frames.extxyz"]
-split = [0.7, 0.15, 0.15]
-[model]
-channels = 4
-lmax = 1
-n_layers = 1
-radial_hidden = 4
-readout_hidden = 4
-[training]
-output = "run"
-epochs = 1
-batch_size = 4
-threads = 1
-""")
-    res = run_cli("train", tmp_path / "cfg.toml")
-    assert res.returncode == 0, res.stderr[-2000:]
-    model = load(tmp_path / "run" / "model.pt")
-    domain = model.metadata["statistics"]["domain"]
-    rows = json.loads((tmp_path / "run" / "split.json").read_text())["train"]
-    oh = [np.linalg.norm(frames[k].positions[[1, 2]] - frames[k].positions[0], axis=1) for k in rows]
-    assert domain["nearest"]["H-O"] == pytest.approx([min(map(min, oh)), max(map(max, oh))])
 
 
 def test_the_shipped_models_know_their_domain():

@@ -94,6 +94,12 @@ threads = 1
     res = run_cli("evaluate", "--model", run / "model.pt", "--data", tmp_path / "held_out.extxyz", "--json")
     assert json.loads(res.stdout)["energy_mae_meV"] == pytest.approx(held["energy_mae_meV"], rel=1e-6)
     assert "transfer held_out.extxyz (6 frames)" in res_train_stdout(run)
+    # the model file records the training frames' domain (qmmm_driver.domain): here, the O-H lengths
+    from qmmm_driver.evaluator import load
+    rows = json.loads((run / "split.json").read_text())["train"]
+    oh = np.concatenate([np.linalg.norm(frames[k].positions[[1, 2]] - frames[k].positions[0], axis=1) for k in rows])
+    domain = load(run / "model.pt").metadata["statistics"]["domain"]
+    assert domain["nearest"]["H-O"] == pytest.approx([oh.min(), oh.max()])
     # resume continues the run instead of starting over
     res = run_cli("train", tmp_path / "cfg.toml", "--resume", "--epochs", "8")
     assert res.returncode == 0, res.stderr[-2000:]
