@@ -287,6 +287,7 @@ class Run:
         self.workers: list[tuple[str, subprocess.Popen]] = []
         self.sockets: list[Socket] = []
         self.logs: list = []
+        self._read: dict[str, tuple[int, bytes]] = {}  # worker log -> (bytes read, unfinished last line)
 
     def _log(self, name: str):
         fh = open(self.run_dir / f"{name}.log", "ab")
@@ -317,7 +318,29 @@ class Run:
         raise RuntimeError(f"i-PI opened no socket within {timeout:.0f} s; see {self.run_dir / 'ipi.log'}")
 
     def start_worker(self, label: str, cmd: list[str]) -> None:
+        self.watch_log(label)
         self.workers.append((label, self._start(cmd, label)))
+
+    def watch_log(self, label: str) -> None:
+        """Follow ``label.log`` from its current end (a restarted run appends to the logs of the last)."""
+        path = self.run_dir / f"{label}.log"
+        self._read[label] = (path.stat().st_size if path.exists() else 0, b"")
+
+    def new_warnings(self) -> list[tuple[str, str]]:
+        """The warning lines the followed logs gained since the last call, as (label, line)."""
+        found = []
+        for label, (done, rest) in self._read.items():
+            path = self.run_dir / f"{label}.log"
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(done)
+                    data = fh.read()
+            except FileNotFoundError:
+                continue
+            *lines, rest = (rest + data).split(b"\n")
+            self._read[label] = (done + len(data), rest)
+            found += [(label, line) for line in map(bytes.decode, lines) if ": warning: " in line]
+        return found
 
     def dead_worker(self) -> tuple[str, int] | None:
         for label, proc in self.workers:
@@ -412,6 +435,8 @@ def follow(run: Run, prepared: Prepared, start_step: int, progress: bool, stall_
                 print(f"qmmm-driver launch: worker {label} exited with code {code} (see "
                       f"{run.run_dir / label}.log); stopping the run", file=sys.stderr)
                 return 1
+            for label, line in run.new_warnings():  # a model extrapolating, say: not only in the worker's log
+                tqdm.write(f"qmmm-driver launch: {label}: {line}", file=sys.stderr)
             step = last_step(run.run_dir, prepared.outputs)
             if step is not None and step > done:
                 bar.update(step - done)

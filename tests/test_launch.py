@@ -288,3 +288,23 @@ def test_auto_batch_fills_whole_batches():
                 b = auto_batch(nbeads, systems, workers)
                 assert nbeads % b == 0 and b <= -(-nbeads * systems // workers)
     assert auto_batch(16, 1, 1) == 16 and auto_batch(16, 1, 2) == 8 and auto_batch(16, 4, 2) == 16
+
+
+def test_worker_warnings_reach_the_launcher_once_each(tmp_path):
+    """The launcher echoes the warning lines its workers log (a model extrapolating): only new ones, whole
+    lines, and not those a previous run left in the same log."""
+    from qmmm_driver.launcher import Run
+
+    log = tmp_path / "model-w0.log"
+    log.write_text("qmmm-driver run: warning: from the previous run\n")
+    run = Run(tmp_path)
+    run.watch_log("model-w0")
+    assert run.new_warnings() == []
+    with open(log, "a") as fh:
+        fh.write("qmmm-driver run: cpu, 1 thread\nqmmm-driver run: warning: the model is extrapolating: A\n"
+                 "qmmm-driver run: warning: half a li")
+    assert run.new_warnings() == [("model-w0", "qmmm-driver run: warning: the model is extrapolating: A")]
+    with open(log, "a") as fh:
+        fh.write("ne\n")
+    assert run.new_warnings() == [("model-w0", "qmmm-driver run: warning: half a line")]
+    assert run.new_warnings() == []
