@@ -53,6 +53,8 @@ def force_field_terms(system):
             out["q"] = np.array([x[0].value_in_unit(unit.elementary_charge) for x in p])
             out["sigma"] = np.array([x[1].value_in_unit(nm) for x in p]) / BOHR_NM
             out["eps"] = np.array([x[2].value_in_unit(kj) for x in p]) / HARTREE_KJ_PER_MOL
+            out["hydrogen"] = np.array([system.getParticleMass(i).value_in_unit(unit.dalton) < 1.5
+                                        for i in range(f.getNumParticles())])
             for k in range(f.getNumExceptions()):
                 a, b, qq, s, e = f.getExceptionParameters(k)
                 out["exceptions"][(min(a, b), max(a, b))] = (
@@ -156,17 +158,26 @@ def torsion_energy(terms, pos, skip, h: float = 1e-6):
     return energy, forces
 
 
+def qm_lennard_jones(terms, qm):
+    """sigma (Bohr) and epsilon (Hartree) per atom as the QM-MM Lennard-Jones uses them: the force field's, but a
+    QM hydrogen without any gets CHARMM's TIP3P hydrogen's (Rmin/2 0.2245 A, 0.046 kcal/mol)."""
+    bare = qm & terms["hydrogen"] & (terms["eps"] == 0.0)
+    sigma = np.where(bare, 2 * 0.02245 / 2 ** (1 / 6) / BOHR_NM, terms["sigma"])
+    return sigma, np.where(bare, 0.046 * 4.184 / HARTREE_KJ_PER_MOL, terms["eps"])
+
+
 def cluster_reference(terms, pos, qm):
     """The MM part of a cluster: MM-MM bonded, Coulomb and LJ (exclusions as given), QM-MM LJ, nothing else.
     Across a cut bond: bonded terms with any MM atom, QM-MM exceptions' Lennard-Jones (no Coulomb)."""
     n = len(pos)
+    sigma, epsilon = qm_lennard_jones(terms, qm)
     i, j = np.triu_indices(n, 1)
     keep = ~(qm[i] & qm[j])                                   # no QM-QM pair at all
     i, j = i[keep], j[keep]
     both_mm = ~qm[i] & ~qm[j]
     qq = np.where(both_mm, terms["q"][i] * terms["q"][j], 0.0)  # QM atoms carry no charge
-    sig = 0.5 * (terms["sigma"][i] + terms["sigma"][j])
-    eps = np.sqrt(terms["eps"][i] * terms["eps"][j])
+    sig = 0.5 * (sigma[i] + sigma[j])
+    eps = np.sqrt(epsilon[i] * epsilon[j])
     for k, (a, b) in enumerate(zip(i, j)):
         if (a, b) in terms["exceptions"]:
             qq_ab, sig[k], eps[k] = terms["exceptions"][(a, b)]
@@ -209,8 +220,8 @@ def periodic_reference(setup, pos, cell, qm, cutoff_A=CUTOFF_A, switch_A=SWITCH_
     e_mm, f_mm = mm_only_openmm(setup, pos, cell, qm, cutoff_A, switch_A)
     i, j = np.meshgrid(np.flatnonzero(qm), np.flatnonzero(~qm), indexing="ij")
     i, j = i.ravel(), j.ravel()
-    e_lj, f_lj = pair_energy(pos, i, j, 0.0, 0.5 * (terms["sigma"][i] + terms["sigma"][j]),
-                             np.sqrt(terms["eps"][i] * terms["eps"][j]), cell,
+    sigma, epsilon = qm_lennard_jones(terms, qm)
+    e_lj, f_lj = pair_energy(pos, i, j, 0.0, 0.5 * (sigma[i] + sigma[j]), np.sqrt(epsilon[i] * epsilon[j]), cell,
                              cutoff_A / 10 / BOHR_NM, switch_A / 10 / BOHR_NM)
     return e_mm + e_lj, f_mm + f_lj
 
@@ -269,6 +280,8 @@ def test_cluster_equals_numpy_reference(boxes, tmp_path, name):
                                                "--device", "reference"), Placement())
     system = ev.structure
     assert "no cutoff" in text and system.n_qm == len(setup.qm_indices)
+    if name == "water":  # TIP3P hydrogens have no Lennard-Jones: the QM ones get it (the reference does the same)
+        assert "2 QM hydrogens given Lennard-Jones" in text
     from openmm import app, unit
 
     original = app.ForceField(*ff).createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, constraints=None,
@@ -300,6 +313,36 @@ def test_cluster_equals_numpy_reference(boxes, tmp_path, name):
           f"max |dF| = {np.abs(rc.forces[0] - f_ref).max():.2e} Ha/Bohr")
     assert abs(rc.energy[0] - e_ref) < 1e-5 * max(1.0, abs(e_ref))
     assert np.abs(rc.forces[0] - f_ref).max() < 1e-4 * np.abs(f_ref).max()
+
+
+def test_qm_hydrogens_get_a_lennard_jones_wall(boxes, tmp_path):
+    """A QM hydrogen pushed onto the MM oxygen it donates to meets CHARMM's TIP3P hydrogen Lennard-Jones, exactly
+    the pair sum; ``--no-qm-hydrogen-lj`` leaves it bare, as the force field has it."""
+    setup, _ = boxes["water"]
+    pdb, extxyz, modeller = write_cluster(setup, 6.0, tmp_path)
+    common = ("--pdb", pdb, "--forcefield", *setup.forcefield_files, "--system", extxyz, "--device", "reference")
+    walled, *_ = mm_worker.build(worker_args(*common), Placement())
+    bare, text, *_ = mm_worker.build(worker_args(*common, "--no-qm-hydrogen-lj"), Placement())
+    assert "given Lennard-Jones" not in text
+    from openmm import app, unit
+
+    terms = force_field_terms(app.ForceField(*setup.forcefield_files).createSystem(
+        modeller.topology, nonbondedMethod=app.NoCutoff, constraints=None, rigidWater=False))
+    pos = np.array(modeller.positions.value_in_unit(unit.nanometer)) / BOHR_NM
+    qm = np.zeros(len(pos), dtype=bool)
+    qm[walled.structure.qm_indices] = True
+    h = walled.structure.qm_indices[1]
+    oxygens = np.flatnonzero(~qm & ~terms["hydrogen"])
+    o = oxygens[np.argmin(np.linalg.norm(pos[oxygens] - pos[h], axis=1))]
+    pos[h] = pos[o] + (pos[h] - pos[o]) / np.linalg.norm(pos[h] - pos[o]) * 1.1 / 0.529177  # 1.1 A off it
+    sigma, epsilon = qm_lennard_jones(terms, qm)
+    hydrogens = np.flatnonzero(qm & terms["hydrogen"])
+    i, j = np.meshgrid(hydrogens, np.flatnonzero(~qm), indexing="ij")
+    wall, _ = pair_energy(pos, i.ravel(), j.ravel(), 0.0, 0.5 * (sigma[i] + sigma[j]).ravel(),
+                          np.sqrt(epsilon[i] * epsilon[j]).ravel())
+    difference = walled.compute(pos[None]).energy[0] - bare.compute(pos[None]).energy[0]
+    assert difference == pytest.approx(wall, rel=1e-8)
+    assert difference * 27.211 > 0.1  # eV: a wall, not a rounding
 
 
 def test_cut_bond_counts_every_term_once(tmp_path):

@@ -49,6 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--switch-distance", type=float, default=None, metavar="A",
                         help="Lennard-Jones switch start in Angstrom, 0 for none, with --forcefield "
                              f"(default {DEFAULT_SWITCH_A:g})")
+    parser.add_argument("--no-qm-hydrogen-lj", action="store_true",
+                        help="leave QM hydrogens without Lennard-Jones where the force field has none (by default "
+                             "they get CHARMM's TIP3P hydrogen's, so that none is pulled onto an MM charge)")
     add_connection_arguments(parser)
     parser.add_argument("--device", default="auto", metavar="DEV",
                         help=f"{DEVICES}: OpenMM's CUDA platform where there is one (GPU local_rank %% n_gpus), "
@@ -98,7 +101,8 @@ def build(args, placement):
     if args.system is None:
         system = _system_from_pdb(topology, pdb.positions, charges, args.qm, args.pdb, periodic)
     _warn_charges(system, charges, topology)
-    removed = mmf.remove_qm_terms(mm, topology, system.qm_indices, system.links)
+    removed = mmf.remove_qm_terms(mm, topology, system.qm_indices, system.links,
+                                  None if args.no_qm_hydrogen_lj else mmf.QM_HYDROGEN_LJ)
 
     platform, properties = mmf.select_platform(args.device, placement.local_rank, args.threads)
     ev = mmf.OpenMMEvaluator(mm, system, platform, properties, periodic, topology)

@@ -11,7 +11,11 @@ everything else and nothing more:
 - every QM-QM nonbonded pair is removed (an exception with zero charge product
   and zero epsilon), and bonded terms whose atoms are all QM are switched off
   (zero force constant);
-- QM-MM Lennard-Jones stays; MM-MM terms stay as the force field gives them;
+- QM-MM Lennard-Jones stays; MM-MM terms stay as the force field gives them; a QM hydrogen that the force
+  field leaves without Lennard-Jones (TIP3P's, most amber hydrogens on O and N) gets ``QM_HYDROGEN_LJ``, as QM/MM
+  codes give their QM hydrogens: nothing else keeps one off an MM charge it is hydrogen-bonded to, whose
+  point-charge attraction grows without bound as they meet (16-bead PIMD of the water example pulled a QM
+  hydrogen onto the acceptor oxygen and blew up);
 - no long-range dispersion correction (at constant volume it is a constant,
   and it would average over QM-QM pairs too).
 
@@ -187,10 +191,13 @@ class Removed:
     bonded: dict = field(default_factory=dict)
     boundary_terms: int = 0       # bonded terms spanning a cut bond, kept
     boundary_exceptions: int = 0  # QM-MM exceptions whose Coulomb part was removed
+    hydrogen_lj: int = 0          # QM hydrogens given QM_HYDROGEN_LJ
 
     def summary(self) -> str:
         bonded = " + ".join(f"{n} {k}" for k, n in self.bonded.items() if n) or "no"
         text = f"{self.charges} QM charges zeroed; removed {self.qm_pairs} QM-QM pairs and {bonded} bonded terms"
+        if self.hydrogen_lj:
+            text += f"; {self.hydrogen_lj} QM hydrogens given Lennard-Jones (QM_HYDROGEN_LJ)"
         if self.boundary_terms or self.boundary_exceptions:
             text += (f"; kept {self.boundary_terms} bonded terms across cut bonds, {self.boundary_exceptions} "
                      "boundary exceptions without Coulomb")
@@ -213,9 +220,16 @@ def _across_a_cut(atoms, qm_mask, cut: set) -> bool:
     return any((q, m) in cut for q in qm for m in mm)
 
 
-def remove_qm_terms(system, topology, qm_indices, links=()) -> Removed:
+#: Lennard-Jones (sigma nm, epsilon kJ/mol) of a QM hydrogen that has none: CHARMM's TIP3P hydrogen
+#: (Rmin/2 = 0.2245 A, epsilon = 0.046 kcal/mol). Against a TIP3P oxygen: +0.5 eV at 1.3 A, +14 eV at 1.0 A,
+#: under 1 meV beyond 1.7 A, where hydrogen bonds sit.
+QM_HYDROGEN_LJ = (2 * 0.02245 / 2 ** (1 / 6), 0.046 * 4.184)
+
+
+def remove_qm_terms(system, topology, qm_indices, links=(), hydrogen_lj=QM_HYDROGEN_LJ) -> Removed:
     """Modify ``system`` in place so that it holds no QM charge and no QM-QM term; bonded terms across the
-    declared cut bonds ``links`` (pairs of QM atom, MM atom) stay, any other QM-MM bonded term is an error."""
+    declared cut bonds ``links`` (pairs of QM atom, MM atom) stay, any other QM-MM bonded term is an error.
+    QM hydrogens without Lennard-Jones get ``hydrogen_lj`` (sigma nm, epsilon kJ/mol; None: left as they are)."""
     import openmm
 
     n = system.getNumParticles()
@@ -238,7 +252,7 @@ def remove_qm_terms(system, topology, qm_indices, links=()) -> Removed:
         if isinstance(force, openmm.CMMotionRemover):
             drop.append(k)  # i-PI owns the dynamics (fixcom)
         elif isinstance(force, openmm.NonbondedForce):
-            _strip_nonbonded(force, topology, qm_mask, qm, cut, out)
+            _strip_nonbonded(force, topology, qm_mask, qm, cut, out, hydrogen_lj)
         elif kind in table:
             nat, count, getter, switch_off = table[kind]
             removed = 0
@@ -267,7 +281,7 @@ def remove_qm_terms(system, topology, qm_indices, links=()) -> Removed:
     return out
 
 
-def _strip_nonbonded(force, topology, qm_mask, qm, cut: set, out: Removed) -> None:
+def _strip_nonbonded(force, topology, qm_mask, qm, cut: set, out: Removed, hydrogen_lj) -> None:
     import openmm
 
     if force.getNonbondedMethod() == openmm.NonbondedForce.LJPME:
@@ -291,8 +305,14 @@ def _strip_nonbonded(force, topology, qm_mask, qm, cut: set, out: Removed) -> No
                 raise _spans_error(topology, f"NonbondedForce exception {k} (a 1-2, 1-3 or 1-4 pair)", (a, b), qm_mask)
             force.setExceptionParameters(k, a, b, 0.0, sigma, epsilon)  # Lennard-Jones stays, Coulomb is the model's
             out.boundary_exceptions += 1
+    atoms = list(topology.atoms())
     for i in qm:
         _, sigma, epsilon = force.getParticleParameters(i)
+        element = atoms[i].element
+        if hydrogen_lj is not None and element is not None and element.symbol == "H" and \
+                epsilon.value_in_unit(epsilon.unit) == 0.0:
+            sigma, epsilon = hydrogen_lj
+            out.hydrogen_lj += 1
         force.setParticleParameters(i, 0.0, sigma, epsilon)  # QM-MM Lennard-Jones stays
         out.charges += 1
     for x, a in enumerate(qm):
