@@ -24,7 +24,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-from ipi.scripting import read_output
 
 from qmmm_driver.launcher import TEMPLATES
 
@@ -61,10 +60,11 @@ def launch(xml: Path, run_dir: Path, workers: int) -> float:
 
 def oh_distances(run_dir: Path, nbeads: int, discard: float) -> np.ndarray:
     """All O-H distances (A) of all beads after discarding the first fraction ``discard`` of the run."""
-    values, _ = read_output(str(run_dir / "simulation.qm"))
-    data = np.stack([np.atleast_2d(values[f"atom_x_path(atom={a})"]) for a in QM], axis=1)  # [steps, atom, 3 beads]
+    # columns: step, then per QM atom its beads' x, y, z (i-PI's read_output keeps only the first value of a
+    # property that writes several, so the file is read as a plain table)
+    data = np.loadtxt(run_dir / "simulation.qm", ndmin=2)[:, 1:]
     data = data[int(len(data) * discard):]
-    xyz = data.reshape(len(data), len(QM), nbeads, 3)  # atom_x_path: bead-major x, y, z per atom
+    xyz = data.reshape(len(data), len(QM), nbeads, 3)
     o, h1, h2 = xyz[:, 0], xyz[:, 1], xyz[:, 2]
     return np.concatenate([np.linalg.norm(h1 - o, axis=-1), np.linalg.norm(h2 - o, axis=-1)], axis=1)  # [frame, .]
 
