@@ -16,14 +16,14 @@ cleanly:
   i-PI is asked to exit softly, then everything is stopped.
 
 Nothing is left behind: no process (each runs in its own session and is killed
-with it, and gets SIGTERM if the launcher itself is killed), no socket file. A restart continues from the newest checkpoint
+with it; if the launcher itself is killed, its watchdog, :mod:`.reaper`, stops
+the run in the same order), no socket file. A restart continues from the newest checkpoint
 (``RESTART`` or i-PI's periodic ``<checkpoint>``), after cutting the outputs
 back to that checkpoint's step, so that no step is missing or written twice.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .errors import InputError, read_toml
 from .ipi.outputs import OutputSpec, checkpoint_step, last_step, output_specs, truncate_after
-from .ipi.shm import remove_segments
+from .reaper import Watchdog, stop
 from .signals import describe, exit_status
 
 SOCKET_PREFIX = "/tmp/ipi_"
@@ -270,14 +270,6 @@ def clear_unstarted(run_dir: Path) -> None:
             path.unlink()
 
 
-def _terminate_with_parent() -> None:
-    """In a child, before exec: SIGTERM it when the launcher dies (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
 class Run:
     """The processes of one launched run."""
 
@@ -288,6 +280,7 @@ class Run:
         self.sockets: list[Socket] = []
         self.logs: list = []
         self._read: dict[str, tuple[int, bytes]] = {}  # worker log -> (bytes read, unfinished last line)
+        self.watchdog: Watchdog | None = None  # started with the first process
 
     def _log(self, name: str):
         fh = open(self.run_dir / f"{name}.log", "ab")
@@ -295,10 +288,15 @@ class Run:
         return fh
 
     def _start(self, cmd: list[str], log_name: str) -> subprocess.Popen:
-        # a session of its own: Ctrl-C at the terminal reaches only the launcher, which stops the rest in order;
-        # and SIGTERM when the launcher itself dies, whatever kills it (no orphans)
-        return subprocess.Popen(cmd, cwd=self.run_dir, stdout=self._log(log_name), stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_terminate_with_parent)
+        if self.watchdog is None:  # stops the rest in order should the launcher itself be killed
+            self.watchdog = Watchdog(self.run_dir)
+            for s in self.sockets:
+                self.watchdog.tell(f"socket {s.path}")
+        # a session of its own: Ctrl-C at the terminal reaches only the launcher, which stops the rest in order
+        proc = subprocess.Popen(cmd, cwd=self.run_dir, stdout=self._log(log_name), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.watchdog.tell(f"{'ipi' if log_name == 'ipi' else 'worker'} {proc.pid}")
+        return proc
 
     def start_ipi(self, input_name: str) -> None:
         exe = shutil.which("i-pi")
@@ -349,13 +347,6 @@ class Run:
                 return label, code
         return None
 
-    @staticmethod
-    def _kill(proc: subprocess.Popen, sig: int) -> None:
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
     def stop(self, grace: float = 60.0) -> None:
         """Ask i-PI to exit softly (checkpoint, flushed outputs), then stop the workers; remove sockets.
 
@@ -364,32 +355,11 @@ class Run:
         """
         held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
-            if self.ipi is not None and self.ipi.poll() is None:
-                self._kill(self.ipi, signal.SIGTERM)
-                try:
-                    self.ipi.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    self._kill(self.ipi, signal.SIGKILL)
-                    self.ipi.wait()
-            for _, proc in self.workers:
-                if proc.poll() is None:
-                    try:
-                        proc.wait(timeout=10)  # i-PI's EXIT (or its closed socket) ends them
-                    except subprocess.TimeoutExpired:
-                        self._kill(proc, signal.SIGTERM)
-                        try:
-                            proc.wait(timeout=10)
-                        except subprocess.TimeoutExpired:
-                            self._kill(proc, signal.SIGKILL)
-                            proc.wait()
-                self._kill(proc, signal.SIGKILL)  # anything the worker left in its session (MPI ranks)
-            if self.ipi is not None:
-                self._kill(self.ipi, signal.SIGKILL)
-                remove_segments(self.ipi.pid)  # the shared memory of shm sockets
-            for s in self.sockets:
-                s.path.unlink(missing_ok=True)
+            stop(self.ipi, [proc for _, proc in self.workers], [s.path for s in self.sockets], grace)
             for fh in self.logs:
                 fh.close()
+            if self.watchdog is not None:
+                self.watchdog.dismiss()
         finally:
             for sig, handler in held.items():
                 signal.signal(sig, handler)
