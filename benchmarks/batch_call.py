@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import describe  # noqa: E402
 
 from qmmm_driver.launcher import MODELS  # noqa: E402
 from qmmm_driver.units import ANGSTROM_TO_BOHR  # noqa: E402
@@ -53,13 +53,6 @@ def solute_in_charges(example: str, n_mm: int, seed: int = 0):
                          qm=np.arange(n_qm + n_mm) < n_qm,
                          mm_charge=np.concatenate([np.zeros(n_qm), np.tile(TIP3P, n_mm // 3 + 1)[:n_mm]]),
                          qm_total_charge=system.qm_total_charge, source=f"{example} in {n_mm} charges")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def timed(evaluator, frames: np.ndarray, repeats: int, cuda: bool) -> float:
@@ -106,8 +99,8 @@ def main() -> None:
     rng = np.random.default_rng(1)
     frames = structure.positions + rng.normal(scale=0.02, size=(args.beads, *structure.positions.shape))
     result = {"example": args.example, "beads": args.beads, "n_qm": structure.n_qm, "n_mm": args.mm,
-              "device": str(device), "dtype": args.dtype, "machine": platform.platform(),
-              "card": torch.cuda.get_device_name(device) if cuda else cpu_name(),
+              "device": str(device), "dtype": args.dtype, "machine": describe(),
+              "card": torch.cuda.get_device_name(device) if cuda else describe(),
               "torch": torch.__version__, "threads": args.threads}
     eager = ModelEvaluator(model, structure, device, dtype)
     result["eager_ms"] = timed(eager, frames, args.repeats, cuda)

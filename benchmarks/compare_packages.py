@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
+from machine import describe  # noqa: E402
 
 
 def summary(seconds: list[float]) -> dict:
@@ -63,7 +63,7 @@ def main() -> None:
     runners[0]._run = run
     inputs = captured["inputs"]  # what the evaluator hands the package
 
-    results = {"machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
+    results = {"machine": describe(),
                "system": f"{structure.n_atoms} atoms, {structure.n_qm} QM", "threads": 1, "calls": args.calls,
                "packages": {}}
     alone = [[] for _ in runners]

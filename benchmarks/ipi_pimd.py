@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -43,6 +42,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import describe  # noqa: E402
 
 from qmmm_driver.ipi.outputs import OutputSpec, last_step  # noqa: E402
 from qmmm_driver.launcher import MODELS, TEMPLATES  # noqa: E402
@@ -233,7 +233,7 @@ def main() -> None:
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="qmmm-bench-"))
     results = json.loads(args.out.read_text()) if args.out.exists() and args.only else {}
-    results.update(machine=f"{platform.platform()}, {platform.processor() or platform.machine()}",
+    results.update(machine=describe(),
                    cpus=os.cpu_count(), date=time.strftime("%Y-%m-%d"))
     model = MODELS / "water" / "model.pt"
     try:

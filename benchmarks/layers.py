@@ -20,7 +20,6 @@ Prints a table and writes benchmarks/results/layers.json.
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from e3nn import nn, o3
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from machine import describe  # noqa: E402
 
 from qmmm_driver.nn.blocks import ChannelLinear, Gate, TensorProductY, node_irreps  # noqa: E402
 
@@ -106,7 +106,7 @@ def main() -> None:
             print(f"{name:28s} n={n:4d}: packed {ta:7.3f} ms, e3nn {tb:7.3f} ms ({tb / ta:5.1f}x)", flush=True)
     out = REPO / "benchmarks" / "results" / "layers.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "channels": C, "lmax": L, "threads": 1,
+    out.write_text(json.dumps({"machine": describe(), "channels": C, "lmax": L, "threads": 1,
                                "rows": rows}, indent=1))
     print(f"wrote {out}")
 

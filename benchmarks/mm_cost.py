@@ -16,7 +16,6 @@ Prints a table and writes benchmarks/results/mm_cost.json.
 from __future__ import annotations
 
 import json
-import platform
 import socket
 import sys
 import threading
@@ -28,6 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
+from machine import describe  # noqa: E402
 
 
 def median_ms(fn, repeats: int = 20) -> float:
@@ -88,7 +88,7 @@ def main() -> None:
     socket_ms = through_socket() / 16
     full_step = median_ms(lambda: worker("all", 16), 5)
     contracted_step = median_ms(lambda: (worker("bonded", 16), worker("nonbonded", 4)), 5)
-    results = {"machine": platform.platform(), "system": text, "threads": 1,
+    results = {"machine": describe(), "system": text, "threads": 1,
                "openmm_alone_ms_per_bead": alone, "worker_ms_per_bead": per_bead,
                "worker_through_socket_ms_per_bead": socket_ms, "worker_over_openmm": per_bead / alone,
                "pimd16_all_terms_ms_per_step": full_step, "pimd16_contracted_ms_per_step": contracted_step,

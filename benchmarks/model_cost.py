@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe
 
 WATER = np.array([[0.0, 0.0, 0.0], [0.9572, 0.0, 0.0], [-0.2400, 0.9266, 0.0]])
 
@@ -145,13 +145,13 @@ def main() -> None:
         "n_mm": [run_case(args, 6, m, 1) for m in map(int, args.mm.split(","))],
         "batch": [run_case(args, 6, 1500, b) for b in map(int, args.batch.split(","))],
     }
-    print(f"machine: {platform.processor() or platform.machine()}, device {args.device}, {args.dtype}")
+    print(f"machine: {describe()}, device {args.device}, {args.dtype}")
     table("QM size (1000 MM atoms, 1 frame)", "n_qm", sweeps["n_qm"])
     table("MM size (6 QM atoms, 1 frame)", "n_mm", sweeps["n_mm"])
     table("batch size (6 QM, 1500 MM atoms per frame)", "batch", sweeps["batch"])
     out = args.out or Path(__file__).parent / "results" / f"model_cost-{args.device.replace(':', '')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "machine": platform.platform(),
+    out.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "machine": describe(),
                                **sweeps}, indent=1))
     print(f"\nwrote {out}")
 

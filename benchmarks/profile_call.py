@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -105,7 +106,8 @@ def main() -> None:
                     for _ in range(args.beads)])
     cell = structure.cell if structure.periodic else np.eye(3) * 150.0
 
-    results = {"system": str(path.name), "atoms": structure.n_atoms, "beads": args.beads, "threads": 1}
+    results = {"machine": describe(), "date": time.strftime("%Y-%m-%d"), "system": str(path.name),
+               "atoms": structure.n_atoms, "beads": args.beads, "threads": 1}
     for name, runner in (("eager", None), ("compiled", compiled)):
         ev = ModelEvaluator(model, structure, "cpu", torch.float32, compiled=runner)
 

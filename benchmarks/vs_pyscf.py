@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from machine import describe
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -71,7 +71,7 @@ def main() -> None:
                      "speedup": t_ref / t_model, "compiled": runner is not None})
         print(f"{name:7s} {len(frame.numbers):6d} {t_ref:10.2f} {1000 * t_model:11.2f} {t_ref / t_model:9.0f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": platform.platform(), "rows": rows}, indent=1))
+    args.out.write_text(json.dumps({"machine": describe(), "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 
 

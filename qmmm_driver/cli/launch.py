@@ -1,8 +1,8 @@
 """``qmmm-driver launch``: i-PI plus all its workers in one command (see :mod:`qmmm_driver.launcher`).
 
-    qmmm-driver launch                          # water PIMD (template pimd, 16 beads) on the shipped water model
+    qmmm-driver launch                          # water PIMD (16 beads, MM nonbonded on 4) on the shipped water model
     qmmm-driver launch remd --example sn2 --workers 4
-    qmmm-driver launch --restart --run-dir runs/pimd-water
+    qmmm-driver launch --restart --run-dir runs/pimd-contracted-water
 
 INPUT is an i-PI input file or a shipped template name (md-nvt, nve, pimd, pimd-contracted, remd, pimd-remd,
 hremd); --example a shipped model name (water, sn2) or a directory with an example.toml::
@@ -25,7 +25,7 @@ import argparse
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", nargs="?", default=None,
-                        help="i-PI input XML or a shipped template name (default: pimd)")
+                        help="i-PI input XML or a shipped template name (default: pimd-contracted)")
     parser.add_argument("--example", default=None,
                         help="shipped model name (water, sn2) or example directory with example.toml (default: water)")
     parser.add_argument("--workers", type=int, default=1, help="model workers per model forcefield (default 1)")
