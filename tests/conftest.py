@@ -60,6 +60,12 @@ def water_box(n_side: int = 8, spacing: float = 3.25, seed: int = 0, triclinic: 
         shift = np.repeat(frac @ cell - atoms.positions[::3], 3, axis=0)
         atoms.set_cell(cell, scale_atoms=False)
         atoms.positions += shift
+    return first_water_in_qm(atoms)
+
+
+
+def first_water_in_qm(atoms: Atoms) -> Atoms:
+    """Waters (O, H, H each) with the first one QM (neutral singlet) and TIP3P charges on the others."""
     n = len(atoms)
     qm = np.zeros(n, dtype=np.int64)
     qm[:3] = 1
@@ -84,14 +90,7 @@ def water_cluster(n_mm: int = 30, seed: int = 1) -> Atoms:
         m.translate(c - m.get_center_of_mass())
         atoms += m
         placed.append(c)
-    n = len(atoms)
-    qm = np.zeros(n, dtype=np.int64)
-    qm[:3] = 1
-    atoms.set_array("qm", qm)
-    atoms.set_array("mm_charge", np.where(qm == 1, 0.0, np.tile(TIP3P, n // 3)))
-    atoms.info["qm_total_charge"] = 0
-    atoms.info["qm_multiplicity"] = 1
-    return atoms
+    return first_water_in_qm(atoms)
 
 
 ETHANOL_BONDS = [(0, 1), (1, 2), (2, 3), (1, 4), (1, 5), (0, 6), (0, 7), (0, 8)]

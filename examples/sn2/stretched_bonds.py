@@ -19,12 +19,11 @@ random value in ``--range`` (A). Frames where a moved chlorine comes closer than
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
-from qmmm_driver.structures import QMMMStructure, augmented, read_structures, write_structures
+from qmmm_driver.structures import QMMMStructure, augmentation_script
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
 HERE = Path(__file__).resolve().parent
@@ -54,18 +53,8 @@ def stretch(frame: QMMMStructure, shorter_A: float) -> QMMMStructure | None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", type=Path, default=HERE / "data" / "sn2_bulk.extxyz.xz")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--frames", type=int, default=60)
-    p.add_argument("--range", default="2.45:3.3", help="where the shorter C-Cl distance lands, LO:HI in A")
-    p.add_argument("--seed", type=int, default=13)
-    args = p.parse_args()
-    lo, hi = (float(x) for x in args.range.split(":"))
-    rng = np.random.default_rng(args.seed)
-    made = augmented(read_structures(args.source), lambda frame: stretch(frame, rng.uniform(lo, hi)), args.frames, rng)
-    write_structures(args.out, made)
-    print(f"wrote {len(made)} stretched-bond frames to {args.out}")
+    augmentation_script(__doc__, HERE / "data" / "sn2_bulk.extxyz.xz", 60, "2.45:3.3", 13,
+                        lambda frame, shorter_A, rng: stretch(frame, shorter_A), "stretched-bond")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ than 1.5 A to an MM atom are skipped. The result is unlabelled; label it with
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
-from qmmm_driver.structures import QMMMStructure, augmented, read_structures, write_structures
+from qmmm_driver.structures import QMMMStructure, augmentation_script
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
 HERE = Path(__file__).resolve().parent
@@ -43,19 +42,8 @@ def stretch_oh(frame: QMMMStructure, length_A: float, rng: np.random.Generator) 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", type=Path, default=HERE / "data" / "water_bulk.extxyz.xz")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--frames", type=int, default=120)
-    p.add_argument("--range", default="1.2:1.8", help="O-H length of the moved hydrogen, LO:HI in A")
-    p.add_argument("--seed", type=int, default=17)
-    args = p.parse_args()
-    lo, hi = (float(x) for x in args.range.split(":"))
-    rng = np.random.default_rng(args.seed)
-    made = augmented(read_structures(args.source), lambda frame: stretch_oh(frame, rng.uniform(lo, hi), rng),
-                     args.frames, rng)
-    write_structures(args.out, made)
-    print(f"wrote {len(made)} stretched O-H frames to {args.out}")
+    augmentation_script(__doc__, HERE / "data" / "water_bulk.extxyz.xz", 120, "1.2:1.8", 17, stretch_oh,
+                        "stretched O-H")
 
 
 if __name__ == "__main__":

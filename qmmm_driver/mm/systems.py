@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..structures import QMMMStructure
-from .forcefield import create_system, force_field_charges
+from .forcefield import create_system, force_field_charges, read_pdb
 
 DATA = resources.files("qmmm_driver") / "data"
 WATER_XML = "amber14/tip3p.xml"
@@ -148,21 +148,14 @@ def solute_from_pdb(pdb: str | Path, forcefield: list[str], charge: int, multipl
                     qm: str | None = None) -> Solute:
     """A solute read from a PDB file (its residues and CONECT bonds as OpenMM reads them) with the force-field
     files that describe it; ``qm`` selects the QM atoms ('0-5,9', 0-based within the file; default all)."""
-    from openmm import app, unit
+    from openmm import unit
 
-    from ..errors import InputError
     from ..structures import parse_selection
 
-    path = Path(pdb)
-    if not path.is_file():
-        raise InputError(f"solute PDB file {path} does not exist")
-    try:
-        top = app.PDBFile(str(path))
-    except Exception as err:  # OpenMM raises several kinds on malformed files
-        raise InputError(f"cannot read solute PDB file {path}: {err}") from err
+    top = read_pdb(pdb)  # refuses a missing or malformed file, naming it
     pos = np.asarray(top.positions.value_in_unit(unit.angstrom))
     selected = None if qm is None else parse_selection(qm, len(pos))
-    return Solute(path.stem, top.topology, pos, [str(f) for f in forcefield], charge, multiplicity, selected)
+    return Solute(Path(pdb).stem, top.topology, pos, [str(f) for f in forcefield], charge, multiplicity, selected)
 
 
 def molecules_of(n: int, bonds: list[tuple[int, int]]) -> np.ndarray:
