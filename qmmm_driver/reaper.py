@@ -106,7 +106,10 @@ class Watchdog:
         os.close(read)
 
     def tell(self, line: str) -> None:
-        os.write(self._write, (line + "\n").encode())
+        try:
+            os.write(self._write, (line + "\n").encode())
+        except BrokenPipeError:  # the watchdog was killed: the launcher goes on without it
+            pass
 
     def dismiss(self) -> None:
         """The launcher stopped everything itself: the watchdog exits."""

@@ -358,9 +358,8 @@ def augmented(source: list[QMMMStructure], make, count: int, rng: np.random.Gene
     return made
 
 
-
-def augmentation_script(description: str, source: Path, count: int, lengths: str, seed: int, make, what: str,
-                        argv: list[str] | None = None) -> None:
+def augmentation_script(description: str, source: Path, count: int, lengths: str, seed: int, make,
+                        what: str) -> None:
     """The command line of an example script that makes training frames by moving atoms of labelled ones:
     ``--source`` (frames), ``--out``, ``--frames`` (how many), ``--range LO:HI`` (A; each frame draws a length
     from it) and ``--seed``; ``make(frame, length_A, rng)`` gives the moved frame or None (see :func:`augmented`),
@@ -373,13 +372,14 @@ def augmentation_script(description: str, source: Path, count: int, lengths: str
     p.add_argument("--frames", type=int, default=count)
     p.add_argument("--range", default=lengths, help="the length each moved frame gets, LO:HI in A")
     p.add_argument("--seed", type=int, default=seed)
-    args = p.parse_args(argv)
+    args = p.parse_args()
     lo, hi = (float(x) for x in args.range.split(":"))
     rng = np.random.default_rng(args.seed)
     made = augmented(read_structures(args.source), lambda frame: make(frame, rng.uniform(lo, hi), rng),
                      args.frames, rng)
     write_structures(args.out, made)
     print(f"wrote {len(made)} {what} frames to {args.out}")
+
 
 def _uncompressed(path: Path):
     """``path`` itself, or the decompressed text of a .xz/.gz/.bz2 file in memory.

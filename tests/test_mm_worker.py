@@ -334,7 +334,7 @@ def test_qm_hydrogens_get_a_lennard_jones_wall(boxes, tmp_path):
     h = walled.structure.qm_indices[1]
     oxygens = np.flatnonzero(~qm & ~terms["hydrogen"])
     o = oxygens[np.argmin(np.linalg.norm(pos[oxygens] - pos[h], axis=1))]
-    pos[h] = pos[o] + (pos[h] - pos[o]) / np.linalg.norm(pos[h] - pos[o]) * 1.1 / 0.529177  # 1.1 A off it
+    pos[h] = pos[o] + (pos[h] - pos[o]) / np.linalg.norm(pos[h] - pos[o]) * 1.1 / (10 * BOHR_NM)  # 1.1 A off it
     sigma, epsilon = qm_lennard_jones(terms, qm)
     hydrogens = np.flatnonzero(qm & terms["hydrogen"])
     i, j = np.meshgrid(hydrogens, np.flatnonzero(~qm), indexing="ij")
@@ -342,7 +342,7 @@ def test_qm_hydrogens_get_a_lennard_jones_wall(boxes, tmp_path):
                           np.sqrt(epsilon[i] * epsilon[j]).ravel())
     difference = walled.compute(pos[None]).energy[0] - bare.compute(pos[None]).energy[0]
     assert difference == pytest.approx(wall, rel=1e-8)
-    assert difference * 27.211 > 0.1  # eV: a wall, not a rounding
+    assert difference * physical_constants["Hartree energy in eV"][0] > 0.1  # eV: a wall, not a rounding
 
 
 def test_cut_bond_counts_every_term_once(tmp_path):
