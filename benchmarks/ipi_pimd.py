@@ -126,7 +126,11 @@ def shipped(work: Path, steps: int, warmup: int, template: str = "pimd") -> dict
             "model_requests_per_step": requests / (final + 1)}
 
 
-def dummy_run(run_dir: Path, addresses: list[str], warmup: int) -> float:
+def with_clients(run_dir: Path, addresses: list[str], clients: list[list[str]], warmup: int,
+                 watch: bool = True) -> tuple[float, int]:
+    """i-PI on ``run_dir/input.xml``, then the ``clients`` commands once its sockets exist: steps per second and
+    the last step (:func:`timed`; ``watch``: a client that fails stops the measurement). Everything is killed and
+    the sockets removed at the end."""
     log = open(run_dir / "log", "wb")
     procs = [subprocess.Popen(["i-pi", "input.xml"], cwd=run_dir, stdout=log, stderr=subprocess.STDOUT)]
     try:
@@ -134,10 +138,9 @@ def dummy_run(run_dir: Path, addresses: list[str], warmup: int) -> float:
             time.sleep(0.05)
             if procs[0].poll() is not None:
                 raise RuntimeError(f"i-PI failed in {run_dir}")
-        for a in addresses:
-            procs.append(subprocess.Popen(["i-pi-py_driver", "-u", "-a", a, "-m", "dummy"], cwd=run_dir, stdout=log,
-                                          stderr=subprocess.STDOUT, env=ENV))
-        return timed(run_dir, procs[0], warmup)[0]
+        procs += [subprocess.Popen(cmd, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT, env=ENV)
+                  for cmd in clients]
+        return timed(run_dir, procs[0], warmup, procs[1:] if watch else ())
     finally:
         for p in procs:
             if p.poll() is None:
@@ -146,6 +149,12 @@ def dummy_run(run_dir: Path, addresses: list[str], warmup: int) -> float:
         log.close()
         for a in addresses:
             Path("/tmp/ipi_" + a).unlink(missing_ok=True)
+
+
+def dummy_run(run_dir: Path, addresses: list[str], warmup: int) -> float:
+    """Steps per second of i-PI's dummy driver on every socket: the floor."""
+    return with_clients(run_dir, addresses, [["i-pi-py_driver", "-u", "-a", a, "-m", "dummy"] for a in addresses],
+                        warmup, watch=False)[0]
 
 
 # --------------------------------------------------------------------------- 2 and 3: one model socket
@@ -201,21 +210,7 @@ def single(kind: str, system: Path, model: Path, beads: int, batch: int, steps: 
         steps=steps + warmup, address=address, beads=beads, system=system,
         batch=f"<batch_size> {batch} </batch_size>" if batch > 1 else "",
         consolidate="true" if batch > 1 else "false"))
-    log = open(run / "log", "wb")
-    procs = [subprocess.Popen(["i-pi", "input.xml"], cwd=run, stdout=log, stderr=subprocess.STDOUT)]
-    try:
-        while not Path("/tmp/ipi_" + address).exists():
-            time.sleep(0.05)
-        procs.append(subprocess.Popen(client(kind, address, model, system), cwd=run, stdout=log,
-                                      stderr=subprocess.STDOUT, env=ENV))
-        rate, final = timed(run, procs[0], warmup, procs[1:])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        log.close()
-        Path("/tmp/ipi_" + address).unlink(missing_ok=True)
+    rate, final = with_clients(run, [address], [client(kind, address, model, system)], warmup)
     out = {"steps_per_s": rate, "ms_per_structure": 1000.0 / (rate * beads)}
     if kind == "qmmm-driver":
         evaluated, requests = served((run / "log").read_text())

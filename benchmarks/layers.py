@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from e3nn import nn, o3
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from machine import describe  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 from qmmm_driver.nn.blocks import ChannelLinear, Gate, TensorProductY, node_irreps  # noqa: E402
 
@@ -49,18 +49,6 @@ def uvu_paths_e3nn(irreps_in1: o3.Irreps, irreps_in2: o3.Irreps, irreps_target: 
     out = o3.Irreps(out)
     sorted_irreps, perm, _ = out.sort()
     return sorted_irreps, [(i1, i2, perm[k], mode, train) for i1, i2, k, mode, train in instructions]
-
-
-def timed(fn, repeats: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return 1000.0 * times[len(times) // 2]
 
 
 def backward(out: torch.Tensor, *inputs) -> None:
@@ -101,7 +89,7 @@ def main() -> None:
         cases["gate"] = (lambda: backward(gate_ours(x_packed), x_packed),
                          lambda: backward(gate_e3nn(gates(x_e3nn)), x_e3nn))
         for name, (a, b) in cases.items():
-            ta, tb = timed(a), timed(b)
+            ta, tb = median_ms(a, 50, warmup=5), median_ms(b, 50, warmup=5)
             rows.append({"layer": name, "rows": n, "packed_ms": ta, "e3nn_ms": tb, "e3nn_over_packed": tb / ta})
             print(f"{name:28s} n={n:4d}: packed {ta:7.3f} ms, e3nn {tb:7.3f} ms ({tb / ta:5.1f}x)", flush=True)
     out = REPO / "benchmarks" / "results" / "layers.json"

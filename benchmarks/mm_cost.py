@@ -19,7 +19,6 @@ import json
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 from machine import describe  # noqa: E402
-
-
-def median_ms(fn, repeats: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000.0 * float(np.median(times))
+from timing import median_ms  # noqa: E402
 
 
 def main() -> None:
