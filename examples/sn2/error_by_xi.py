@@ -10,17 +10,20 @@ meV/A per bin, and writes examples/sn2/error_by_xi.json.
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from test_by_file import split_test_frames  # noqa: E402
+
 from solute import xi_of
 from qmmm_driver.evaluator import load
-from qmmm_driver.structures import read_structures
 from qmmm_driver.training.metrics import evaluate_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR, BOHR_TO_ANGSTROM
 
-HERE = Path(__file__).resolve().parent
 BINS = [(0.0, 0.3), (0.3, 0.8), (0.8, 1.3), (1.3, np.inf)]  # |xi|, A
 
 
@@ -29,12 +32,7 @@ def main() -> None:
     p.add_argument("model", help="model file (.pt)")
     args = p.parse_args()
     model = load(args.model)
-    split = json.loads((HERE / "split.json").read_text())
-    test, start, frames = set(split["test"]), 0, []
-    for f in split["files"]:
-        structures = read_structures(HERE / f, require_labels=True)
-        frames += [s for i, s in enumerate(structures, start) if i in test]
-        start += len(structures)
+    frames = [s for selected in split_test_frames(HERE).values() for s in selected]
     xi = np.array([xi_of(s.positions[s.qm_indices] * BOHR_TO_ANGSTROM) for s in frames])
     metrics, _ = evaluate_structures(model, frames, 6.0 * ANGSTROM_TO_BOHR)
     energy = np.concatenate(metrics.errors["energy"])  # meV, one per frame
