@@ -1,7 +1,7 @@
 """Unlabelled SN2 frames along the reaction coordinate: umbrella windows of OpenMM MD around a held solute.
 
     python examples/sn2/sample.py --out frames.extxyz --frames 85 [--windows=-2.0:2.0:17] \
-        [--solvent methanol] [--ion Mg2+ --ion-distance 3.0:6.0] [--charge-noise 0.15]
+        [--solvent methanol] [--ion Mg2+ --ion-distance 3.0:6.0 [--ion-end-on 150]] [--charge-noise 0.15]
 
 In each window the solute atoms are held (k = 50 000 kJ/mol/nm^2, about 0.07 A
 thermal spread per coordinate at 300 K) to the reference geometry at that xi
@@ -9,7 +9,10 @@ thermal spread per coordinate at 300 K) to the reference geometry at that xi
 while the solvent equilibrates around it (``--window-equilibrate`` ps per
 window). Every option of ``qmmm-driver sample`` applies (solvent, ion, charge
 noise, box, interval); ``--qm-noise`` defaults to 0 here (the windows spread
-the solute).
+the solute). ``--ion-end-on DEG`` keeps the ion on the far side of Cl1, on the
+C-Cl1 axis (a flat-bottom wall on the angle C-Cl1-ion below DEG): a cation
+pulling on the chloride that leaves (xi > 0) or is about to (xi < 0), where
+the side-on contacts of ``--ion-distance`` alone hardly ever go.
 """
 
 from __future__ import annotations
@@ -20,8 +23,23 @@ from pathlib import Path
 
 import numpy as np
 
+#: kJ/mol/rad^2: the --ion-end-on wall (20 degrees short of it costs 6 kT at 300 K)
+END_ON_K = 250.0
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import solute as sn2  # noqa: E402
+
+
+def end_on_restraint(carbon: int, chlorine: int, ion: int, min_deg: float):
+    """Flat-bottom wall keeping the angle carbon-chlorine-ion at or above ``min_deg``."""
+    import openmm
+
+    force = openmm.CustomCompoundBondForce(3, "0.5*kendon*step(amin-a)*(a-amin)^2; a=angle(p1, p2, p3)")
+    force.addGlobalParameter("kendon", END_ON_K)
+    force.addGlobalParameter("amin", float(np.radians(min_deg)))
+    force.addBond([int(carbon), int(chlorine), int(ion)], [])
+    force.setUsesPeriodicBoundaryConditions(True)
+    return force
 
 
 def main(argv=None) -> int:
@@ -36,8 +54,12 @@ def main(argv=None) -> int:
                         help="umbrella windows in xi (A) as start:stop:count; write --windows=-2.0:2.0:17 (a value "
                              "starting with - needs the =)")
     parser.add_argument("--window-equilibrate", type=float, default=2.0, help="ps at each new window (default 2)")
+    parser.add_argument("--ion-end-on", type=float, default=None, metavar="DEG",
+                        help="keep the angle C-Cl1-ion >= DEG (e.g. 150: the ion beyond Cl1 on the C-Cl1 axis)")
     parser.set_defaults(qm_noise=0.0, solute="sn2")
     args = parser.parse_args(argv)
+    if args.ion_end_on is not None and (args.ion is None or not 90.0 <= args.ion_end_on < 180.0):
+        raise SystemExit("--ion-end-on needs --ion and an angle in [90, 180) degrees")
     try:
         start, stop, count = args.windows.split(":")
         windows = np.linspace(float(start), float(stop), int(count))
@@ -50,10 +72,19 @@ def main(argv=None) -> int:
         sampler.hold_qm(sn2.geometry(xi0))
         sampler.set_qm_charges(sn2.charges(xi0))
 
+    def start(sampler) -> None:
+        if args.ion_end_on is not None:  # solute atoms: C, H1-3, Cl1, Cl2
+            sampler.sim.system.addForce(end_on_restraint(sampler.qm[0], sampler.qm[4], sampler.setup.ion_index,
+                                                         args.ion_end_on))
+            sampler.sim.context.reinitialize(preserveState=True)
+        window(sampler, float(windows[0]))
+
     try:
-        sampler, info = make_sampler(args, sn2.solute(float(windows[0])), lambda s: window(s, float(windows[0])))
+        sampler, info = make_sampler(args, sn2.solute(float(windows[0])), start)
     except InputError as err:
         raise SystemExit(f"error: {err}")
+    if args.ion_end_on is not None:
+        info["ion_end_on_deg"] = args.ion_end_on
     with tqdm(total=args.frames, desc="sampling sn2", unit="frame") as bar:
         for k, (xi0, n) in enumerate(zip(windows, per_window)):
             if k > 0:

@@ -1,0 +1,45 @@
+"""examples/sn2/sample.py --ion-end-on: the angle wall is flat beyond its angle, rises as 1/2 k (amin - a)^2 below
+it and pushes the ion back towards the C-Cl axis; bad use is refused before any sampling."""
+
+import numpy as np
+import pytest
+
+from conftest import load_example
+
+
+def _energy_and_ion_force(script, angle_deg: float, min_deg: float):
+    import openmm
+    from openmm import unit
+
+    system = openmm.System()
+    for _ in range(3):
+        system.addParticle(1.0)
+    system.addForce(script.end_on_restraint(0, 1, 2, min_deg))
+    a = np.radians(angle_deg)
+    ion = np.array([0.3, 0.0, 0.0]) + 0.3 * np.array([-np.cos(a), np.sin(a), 0.0])  # carbon at 0, chlorine at x
+    pos = np.array([[0.0, 0.0, 0.0], [0.3, 0.0, 0.0], ion])
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(pos * unit.nanometer)
+    state = context.getState(getEnergy=True, getForces=True)
+    energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    force = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)[2]
+    return energy, force, ion - pos[1]
+
+
+def test_end_on_wall_is_flat_beyond_its_angle_and_harmonic_below():
+    script = load_example("examples/sn2/sample.py")
+    for angle in (160.0, 175.0):
+        energy, force, _ = _energy_and_ion_force(script, angle, 155.0)
+        assert energy == 0.0 and np.allclose(force, 0.0)
+    energy, force, arm = _energy_and_ion_force(script, 125.0, 155.0)
+    assert energy == pytest.approx(0.5 * script.END_ON_K * np.radians(30.0) ** 2, rel=1e-6)
+    # the ion is pushed round the chlorine (perpendicular to its arm) towards the axis beyond it (+x, -y here)
+    assert np.dot(force, arm) == pytest.approx(0.0, abs=1e-6 * np.linalg.norm(force))
+    assert force[0] > 0.0 and force[1] < 0.0
+
+
+@pytest.mark.parametrize("argv", [["--ion-end-on", "150"], ["--ion", "Mg2+", "--ion-end-on", "200"]])
+def test_end_on_needs_an_ion_and_an_angle_in_range(argv, tmp_path):
+    script = load_example("examples/sn2/sample.py")
+    with pytest.raises(SystemExit, match="--ion-end-on needs"):
+        script.main(["--out", str(tmp_path / "x.extxyz"), "--frames", "1", *argv])
