@@ -134,7 +134,9 @@ def compile_model(model: QMMMModel, checksum: str, n_qm: int, path: str | Path, 
     program = export_potential(model, n_qm, device, dtype)
     metadata = {"model_checksum": checksum, "n_qm": str(n_qm), "dtype": str(dtype),
                 "device": torch.device(device).type, "torch_version": torch.__version__}
-    configs = {"aot_inductor.metadata": metadata}
+    # freezing: the weights are folded into the program as constants (8-10% off a water call on one CPU thread,
+    # bit-identical results; benchmarks/compare_packages.py)
+    configs = {"aot_inductor.metadata": metadata, "freezing": True}
     if tune:
         configs.update({"max_autotune": True, "epilogue_fusion": False})
         if torch.device(device).type == "cpu":
