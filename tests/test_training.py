@@ -321,3 +321,45 @@ def test_weights_of_files_not_trained_on_are_refused(tmp_path):
     (tmp_path / "cfg.toml").write_text('[data]\nfiles = ["a.extxyz"]\nweights = {"a.extxyz" = -1}\n')
     with pytest.raises(InputError, match="must be a number >= 0"):
         load_config(tmp_path / "cfg.toml")
+
+
+def test_a_stop_signal_leaves_history_and_a_resumable_checkpoint(tmp_path):
+    """SIGTERM (a batch scheduler's stop) during training: exit status 143, the epochs run so far in history.json
+    and the learning curve, no test metrics, no temporary files; --resume then carries on from the checkpoint."""
+    import signal
+    import time
+
+    _, frames = teacher_frames(n=12)
+    write_structures(tmp_path / "frames.extxyz", frames)
+    (tmp_path / "cfg.toml").write_text(f"""
+[data]
+files = ["frames.extxyz"]
+split = [0.7, 0.15, 0.15]
+{TINY_MODEL}
+[training]
+output = "run"
+epochs = 100000
+batch_size = 4
+threads = 1
+""")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "qmmm_driver.cli", "train", str(tmp_path / "cfg.toml")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoint.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # a few more epochs
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    epochs = [h["epoch"] for h in json.loads((run / "history.json").read_text())]
+    assert len(epochs) >= 1 and epochs == list(range(len(epochs)))
+    assert (run / "learning_curve.png").stat().st_size > 5000
+    assert not (run / "test_metrics.json").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "history.json", "learning_curve.png",
+                                                      "model.pt", "split.json"]
+    res = run_cli("train", tmp_path / "cfg.toml", "--resume", "--epochs", len(epochs) + 2)
+    assert res.returncode == 0, res.stderr[-2000:]
+    resumed = [h["epoch"] for h in json.loads((run / "history.json").read_text())]
+    assert resumed == list(range(len(epochs) + 2))

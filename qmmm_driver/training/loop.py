@@ -234,8 +234,19 @@ class Trainer:
         started = time.time() - 60.0 * (self.history[-1]["minutes"] if self.history else 0.0)
         bar = tqdm(range(self.start_epoch, self.opts.epochs), desc="training", unit="epoch",
                    disable=not self.progress, initial=self.start_epoch, total=self.opts.epochs)
-        stop_reason = "epochs done"
         model_path = self.out / "model.pt"
+        try:
+            stop_reason = self._epochs(bar, started, model_path)
+        except KeyboardInterrupt:  # Ctrl-C or a stop signal: the epochs done so far are on disk, resumable
+            bar.close()
+            self._write_history()
+            raise
+        bar.close()
+        return self.finish(model_path, stop_reason)
+
+    def _epochs(self, bar, started: float, model_path: Path) -> str:
+        """Train over ``bar``'s epochs, saving the best model and a checkpoint after each; returns why it
+        stopped."""
         for epoch in bar:
             weights = self._weights(epoch, bar)
             epoch_started = time.time()
@@ -259,20 +270,22 @@ class Trainer:
                 "stage2_active": self.stage2_active, "history": json.dumps(self.history), "best": self.best,
                 "best_epoch": self.best_epoch, "epoch": epoch, "step": self.step})
             if epoch - self.best_epoch >= self.opts.patience:
-                stop_reason = f"early stop: no validation improvement for {self.opts.patience} epochs"
-                break
+                return f"early stop: no validation improvement for {self.opts.patience} epochs"
             if record["minutes"] >= self.opts.max_minutes:
-                stop_reason = f"time budget of {self.opts.max_minutes} min reached"
-                break
-        bar.close()
-        return self.finish(model_path, stop_reason)
+                return f"time budget of {self.opts.max_minutes} min reached"
+        return "epochs done"
+
+    def _write_history(self) -> None:
+        """``history.json`` and ``learning_curve.png`` of the epochs run so far."""
+        from ..plots import learning_curve
+
+        if self.history:
+            write_atomically(self.out / "history.json", json.dumps(self.history, indent=1))
+            learning_curve(self.history, self.out / "learning_curve.png")
 
     def finish(self, model_path: Path, stop_reason: str) -> dict:
         """Score the best model on the test split and the transfer sets; write the metrics and plots."""
-        from ..plots import learning_curve
-
-        write_atomically(self.out / "history.json", json.dumps(self.history, indent=1))
-        learning_curve(self.history, self.out / "learning_curve.png")
+        self._write_history()
         if not model_path.exists():
             raise InputError(f"no model was saved in {self.out} (no epoch ran)")
         best = load_model(model_path, self.device)
