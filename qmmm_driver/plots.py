@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,16 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(plt, fig, path: str | Path) -> Path:
+    """``fig`` as a PNG at ``path``, replaced whole (a stop signal never leaves half an image), then closed."""
+    from .structures import write_atomically
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    plt.close(fig)
+    return write_atomically(path, png.getvalue())
 
 
 def learning_curve(history: list[dict], path: str | Path) -> Path:
@@ -33,9 +44,7 @@ def learning_curve(history: list[dict], path: str | Path) -> Path:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
 
 
 def parity(pairs: dict[str, np.ndarray], path: str | Path, title: str = "") -> Path:
@@ -64,6 +73,4 @@ def parity(pairs: dict[str, np.ndarray], path: str | Path, title: str = "") -> P
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, path)
