@@ -238,10 +238,10 @@ class Trainer:
         try:
             stop_reason = self._epochs(bar, started, model_path)
         except KeyboardInterrupt:  # Ctrl-C or a stop signal: the epochs done so far are on disk, resumable
-            bar.close()
             self._write_history()
             raise
-        bar.close()
+        finally:
+            bar.close()
         return self.finish(model_path, stop_reason)
 
     def _epochs(self, bar, started: float, model_path: Path) -> str:
