@@ -112,6 +112,7 @@ def test_the_worker_logs_the_extrapolation(tmp_path):
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(IPI_PREFIX + name)
     server.listen(1)
+    server.settimeout(120)  # a worker that dies before connecting fails the test instead of hanging it
     worker = subprocess.Popen(WORKER_CMD + ["--model", str(model_path), "--system", str(frame_path),
                                             "--unix", name],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -159,6 +159,7 @@ def test_non_finite_positions_from_ipi_exit_4(tmp_path, tiny_model_file):
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(IPI_PREFIX + name)
     server.listen(1)
+    server.settimeout(120)  # a worker that dies before connecting fails the test instead of hanging it
     worker = subprocess.Popen(WORKER_CMD + ["--model", str(tiny_model_file), "--system", str(frame), "--unix", name],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
