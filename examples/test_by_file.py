@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from qmmm_driver.evaluator import load
-from qmmm_driver.structures import read_structures
+from qmmm_driver.structures import read_structures, write_atomically
 from qmmm_driver.training.metrics import evaluate_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
@@ -38,7 +38,7 @@ def main() -> None:
         out[f] = s
         print(f"{f:40s} n={s['n_frames']:4d} E MAE {s['energy_mae_meV']:6.2f} MSE {s['energy_mean_signed_meV']:+6.2f} "
               f"F {s['force_mae_meV_per_A']:6.2f}", flush=True)
-    (example / "test_by_file.json").write_text(json.dumps(out, indent=1))
+    write_atomically(example / "test_by_file.json", json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from test_by_file import split_test_frames  # noqa: E402
 
 from solute import xi_of
 from qmmm_driver.evaluator import load
+from qmmm_driver.structures import write_atomically
 from qmmm_driver.training.metrics import evaluate_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR, BOHR_TO_ANGSTROM
 
@@ -49,7 +50,7 @@ def main() -> None:
         s = out[key]
         print(f"|xi| {key:>8s} A  n={s['n_frames']:3d}  E MAE {s['energy_mae_meV']:6.2f} "
               f"({s['energy_mean_signed_meV']:+6.2f}) meV  F {s['force_mae_meV_per_A']:6.1f} meV/A")
-    (HERE / "error_by_xi.json").write_text(json.dumps(out, indent=1))
+    write_atomically(HERE / "error_by_xi.json", json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
