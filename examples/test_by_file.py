@@ -11,22 +11,18 @@ import sys
 from pathlib import Path
 
 from qmmm_driver.evaluator import load
-from qmmm_driver.structures import read_structures, write_atomically
+from qmmm_driver.structures import write_atomically
+from qmmm_driver.training.data import split_frames
 from qmmm_driver.training.metrics import evaluate_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
 
 def split_test_frames(example: Path) -> dict:
     """The test frames of EXAMPLE/split.json, file by file (files without test frames left out)."""
-    split = json.loads((example / "split.json").read_text())
-    test, start, out = set(split["test"]), 0, {}
-    for f in split["files"]:
-        frames = read_structures(example / f, require_labels=True)
-        selected = [s for i, s in enumerate(frames, start) if i in test]
-        start += len(frames)
-        if selected:
-            out[f] = selected
-    return out
+    split_file = example / "split.json"
+    names = json.loads(split_file.read_text())["files"]
+    selected = split_frames(split_file, "test", [example / f for f in names])
+    return {f: frames for f, frames in zip(names, selected) if frames}
 
 
 def main() -> None:

@@ -88,6 +88,10 @@ threads = 1
     assert again["energy_mae_meV"] == pytest.approx(test["energy_mae_meV"], rel=1e-6)
     assert again["force_mae_meV_per_A"] == pytest.approx(test["force_mae_meV_per_A"], rel=1e-6)
     assert again["energy_mean_signed_meV"] == pytest.approx(test["energy_mean_signed_meV"], rel=1e-6)
+    # another set of files than the run's is refused, naming the split's own
+    res = run_cli("evaluate", "--model", run / "model.pt", "--data", tmp_path / "frames.extxyz",
+                  tmp_path / "held_out.extxyz", "--split", run / "split.json", "--json")
+    assert res.returncode == 2 and "splits the frames of the files frames.extxyz, but 2 were given" in res.stderr
     # the transfer set is scored, never trained on
     held = test["transfer"]["held_out.extxyz"]
     assert held["n_frames"] == 6

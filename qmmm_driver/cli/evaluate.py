@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import InputError
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="model file")
@@ -34,23 +32,17 @@ def main(args: argparse.Namespace) -> int:
     from ..parallel import select_device
     from ..plots import parity
     from ..structures import read_structures
+    from ..training.data import split_frames
     from ..training.metrics import evaluate_structures
     from ..units import ANGSTROM_TO_BOHR
 
     device = select_device(args.device)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     model = load(args.model, device)
-    frames = []
-    for path in args.data:
-        frames += read_structures(path, require_labels=True)
     if args.split is not None:
-        if not args.split.is_file():
-            raise InputError(f"split file {args.split} does not exist")
-        indices = json.loads(args.split.read_text())[args.subset]
-        if max(indices, default=-1) >= len(frames):
-            raise InputError(f"{args.split} names frame {max(indices)}, but --data holds {len(frames)} frames; "
-                             "pass the same files, in the same order, as the training config")
-        frames = [frames[i] for i in indices]
+        frames = [s for selected in split_frames(args.split, args.subset, args.data) for s in selected]
+    else:
+        frames = [s for path in args.data for s in read_structures(path, require_labels=True)]
     metrics, pairs = evaluate_structures(model, frames, args.mm_radius * ANGSTROM_TO_BOHR, device, dtype,
                                          progress=not args.json)
     summary = metrics.summary()

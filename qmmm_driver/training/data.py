@@ -19,7 +19,9 @@ atom and the MM atom (always a near atom) at every evaluation
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from ..embedding import PADDING_DISTANCE
 from ..errors import InputError
 from ..nn.multipoles import taylor_tensors
 from ..boundary import link_positions
-from ..structures import QMMMStructure
+from ..structures import QMMMStructure, read_structures
 
 
 @dataclass
@@ -183,6 +185,35 @@ def rows_in(sets: list[FrameSet], frames: list[int]) -> list[torch.Tensor]:
     """For each set, the rows holding the frames ``frames`` (indices into the original list)."""
     wanted = torch.as_tensor(sorted(frames), dtype=torch.long)
     return [torch.nonzero(torch.isin(s.index, wanted)).flatten() for s in sets]
+
+
+def split_frames(split_file: str | Path, subset: str, data: list[str | Path]) -> list[list[QMMMStructure]]:
+    """The ``subset`` frames of a training run's ``split.json``, file by file (one list per file of ``data``).
+
+    ``data`` are the run's labelled files in the order of its config: the split numbers their frames one file
+    after the other, and records the files' names, so that a different number of files is refused.
+    """
+    split_file = Path(split_file)
+    try:
+        split = json.loads(split_file.read_text())
+        wanted = set(split[subset])
+    except OSError as err:
+        raise InputError(f"cannot read the split file {split_file}: {err}") from None
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{split_file} is not a split.json of `qmmm-driver train` (no list '{subset}')") from None
+    names = split.get("files")
+    if names is not None and len(names) != len(data):
+        raise InputError(f"{split_file} splits the frames of the files {', '.join(map(str, names))}, but {len(data)} "
+                         f"were given: pass the training config's files, in its order")
+    out, start = [], 0
+    for path in data:
+        frames = read_structures(path, require_labels=True)
+        out.append([s for i, s in enumerate(frames, start) if i in wanted])
+        start += len(frames)
+    if wanted and max(wanted) >= start:
+        raise InputError(f"{split_file} names frame {max(wanted)}, but the files hold {start} frames; pass the "
+                         "same files, in the same order, as the training config")
+    return out
 
 
 def split_indices(n: int, fractions: tuple[float, float, float], seed: int) -> dict[str, list[int]]:
