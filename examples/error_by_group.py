@@ -12,12 +12,12 @@ import argparse
 
 from qmmm_driver.evaluator import load
 from qmmm_driver.structures import read_structures
-from qmmm_driver.training.metrics import evaluate_structures
+from qmmm_driver.training.metrics import Metrics, evaluate_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
 
-def line(name: str, frames: list, model) -> str:
-    s = evaluate_structures(model, frames, 6.0 * ANGSTROM_TO_BOHR)[0].summary()
+def line(name: str, metrics: Metrics) -> str:
+    s = metrics.summary()
     return (f"{name:24s} n={s['n_frames']:4d} E MAE {s['energy_mae_meV']:6.2f} MSE {s['energy_mean_signed_meV']:+6.2f} "
             f"F {s['force_mae_meV_per_A']:6.2f}")
 
@@ -33,9 +33,12 @@ def main() -> None:
     groups: dict[str, list] = {}
     for s in frames:
         groups.setdefault(str(s.info.get(args.by, "-")), []).append(s)
+    everything = Metrics()
     for name in sorted(groups):
-        print(line(f"{args.by} {name}", groups[name], model), flush=True)
-    print(line("all", frames, model))
+        metrics = evaluate_structures(model, groups[name], 6.0 * ANGSTROM_TO_BOHR)[0]
+        print(line(f"{args.by} {name}", metrics), flush=True)
+        everything.extend(metrics)
+    print(line("all", everything))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,14 @@ class Metrics:
         if dipole is not None and ref_dipole is not None:
             self.add("dipole", (np.asarray(dipole) - np.asarray(ref_dipole)) * BOHR)
 
+    def extend(self, other: "Metrics") -> None:
+        """Add the frames of ``other`` (their errors and domain excursions) to these."""
+        for key in self.KEYS:
+            self.errors[key] += other.errors[key]
+        self.n_frames += other.n_frames
+        if other.beyond_domain is not None:
+            self.beyond_domain = (self.beyond_domain or []) + other.beyond_domain
+
     def values(self, key: str) -> np.ndarray:
         return np.concatenate(self.errors[key]) if self.errors[key] else np.zeros(0)
 
