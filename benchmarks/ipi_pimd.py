@@ -39,6 +39,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import ase.io
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +186,6 @@ def cluster_system(work: Path, radius_A: float = 12.0) -> Path:
     atoms = cluster.to_atoms()
     atoms.set_cell(np.eye(3) * 80.0)  # i-PI needs a cell; pbc stays off: a cluster
     atoms.pbc = False
-    import ase.io
 
     path = work / "cluster.extxyz"
     ase.io.write(path, atoms, format="extxyz")
@@ -246,10 +246,11 @@ def main() -> None:
         system = cluster_system(work)
         if args.only in (None, "user"):
             results["user"] = []
+            atoms = len(ase.io.read(system))
             for consolidate in (True, False):  # i-PI's default, then the templates' choice
                 dummy = single("dummy", system, model, 8, 1, args.steps, args.warmup, work, consolidate)
                 ours = single("qmmm-driver", system, model, 8, 1, args.steps, args.warmup, work, consolidate)
-                row = {"beads": 8, "atoms": sum(1 for _ in open(system)) - 2, "batch": 1,
+                row = {"beads": 8, "atoms": atoms, "batch": 1,
                        "consolidate_messages": consolidate, "dummy": dummy, "qmmm_driver": ours,
                        "ratio_to_floor": ours["steps_per_s"] / dummy["steps_per_s"]}
                 results["user"].append(row)
