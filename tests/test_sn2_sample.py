@@ -43,3 +43,29 @@ def test_end_on_needs_an_ion_and_an_angle_in_range(argv, tmp_path):
     script = load_example("examples/sn2/sample.py")
     with pytest.raises(SystemExit, match="--ion-end-on needs"):
         script.main(["--out", str(tmp_path / "x.extxyz"), "--frames", "1", *argv])
+
+
+def test_nearest_acceptors_uses_the_minimum_image_and_the_nearest_target():
+    script = load_example("examples/sn2/sample.py")
+    box = 20.0
+    pos = np.array([[1.0, 1.0, 1.0],     # 0: target
+                    [10.0, 10.0, 10.0],  # 1: target
+                    [19.5, 1.0, 1.0],    # 2: 1.5 A from 0 through the wall
+                    [4.0, 1.0, 1.0],     # 3: 3 A from 0
+                    [10.0, 12.0, 10.0],  # 4: 2 A from 1
+                    [6.0, 6.0, 6.0]])    # 5: far from both
+    assert script.nearest_acceptors(pos, box, [2, 3, 4, 5], [0, 1], 3) == [2, 4, 3]
+    assert script.nearest_acceptors(pos, box, [5, 3], [0], 1) == [3]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--acceptor-contact", "2:2.4"], "is not N:LO:HI"),
+    (["--acceptor-contact", "0:2.4:3.2"], "needs N >= 1"),
+    (["--acceptor-contact", "2:3.2:2.4"], "needs N >= 1"),
+    (["--acceptor-contact", "2:2.4:3.2", "--ion", "Na+"], "cannot be combined"),
+])
+def test_acceptor_contact_refuses_bad_use_before_sampling(argv, message, tmp_path):
+    script = load_example("examples/sn2/sample.py")
+    with pytest.raises(SystemExit, match=message):
+        script.main(["--out", str(tmp_path / "x.extxyz"), "--frames", "1", *argv])
+    assert not (tmp_path / "x.extxyz").exists()

@@ -1,7 +1,8 @@
 """Unlabelled SN2 frames along the reaction coordinate: umbrella windows of OpenMM MD around a held solute.
 
     python examples/sn2/sample.py --out frames.extxyz --frames 85 [--windows=-2.0:2.0:17] \
-        [--solvent methanol] [--ion Mg2+ --ion-distance 3.0:6.0 [--ion-end-on 150]] [--charge-noise 0.15]
+        [--solvent methanol] [--ion Mg2+ --ion-distance 3.0:6.0 [--ion-end-on 150]] [--charge-noise 0.15] \
+        [--acceptor-contact 2:2.4:3.2]
 
 In each window the solute atoms are held (k = 50 000 kJ/mol/nm^2, about 0.07 A
 thermal spread per coordinate at 300 K) to the reference geometry at that xi
@@ -13,6 +14,11 @@ the solute). ``--ion-end-on DEG`` keeps the ion on the far side of Cl1, on the
 C-Cl1 axis (a flat-bottom wall on the angle C-Cl1-ion below DEG): a cation
 pulling on the chloride that leaves (xi > 0) or is about to (xi < 0), where
 the side-on contacts of ``--ion-distance`` alone hardly ever go.
+``--acceptor-contact N:LO:HI`` holds the N solvent oxygens or nitrogens nearest
+to the methyl hydrogens at start within LO..HI A of the nearest of those
+hydrogens (the flat-bottom wall of ``--ion-distance``): bare acceptors at the
+methyl group, as acetonitrile's nitrogen sits there and acetone's oxygen
+rarely does unheld.
 """
 
 from __future__ import annotations
@@ -42,6 +48,44 @@ def end_on_restraint(carbon: int, chlorine: int, ion: int, min_deg: float):
     return force
 
 
+def nearest_acceptors(positions_A: np.ndarray, box_A: float, candidates: list[int], targets: list[int],
+                      count: int) -> list[int]:
+    """The ``count`` atoms of ``candidates`` nearest (minimum image in a cubic box) to any of ``targets``."""
+    d = positions_A[candidates][:, None, :] - positions_A[targets][None, :, :]
+    d -= box_A * np.round(d / box_A)
+    nearest = np.linalg.norm(d, axis=2).min(axis=1)
+    return [int(candidates[k]) for k in np.argsort(nearest, kind="stable")[:count]]
+
+
+def acceptor_contact_restraint(sampler, count: int, lo_A: float, hi_A: float):
+    """Flat-bottom walls holding the ``count`` solvent O/N atoms nearest to the methyl hydrogens within
+    [lo, hi] A of the nearest hydrogen; returns the force and the atoms held."""
+    from qmmm_driver.mm.sampling import ion_restraint
+
+    hydrogens = sampler.qm[1:4]  # solute atoms: C, H1-3, Cl1, Cl2
+    candidates = [a.index for a in sampler.setup.topology.atoms()
+                  if a.index not in sampler.qm and a.element is not None and a.element.symbol in ("O", "N")]
+    if len(candidates) < count:
+        raise SystemExit(f"--acceptor-contact: the solvent has {len(candidates)} O/N atoms, {count} asked for")
+    held = nearest_acceptors(sampler.positions_A(), sampler.setup.box_nm()[0, 0] * 10.0, candidates, hydrogens,
+                             count)
+    force = ion_restraint(held[0], hydrogens, lo_A, hi_A)
+    for atom in held[1:]:
+        force.addBond([atom] + hydrogens, [])
+    return force, held
+
+
+def parse_contact(text: str) -> tuple[int, float, float]:
+    try:
+        count, lo, hi = text.split(":")
+        count, lo, hi = int(count), float(lo), float(hi)
+    except ValueError:
+        raise SystemExit(f"--acceptor-contact '{text}' is not N:LO:HI (e.g. 2:2.4:3.2)")
+    if count < 1 or not 0.0 < lo < hi:
+        raise SystemExit(f"--acceptor-contact '{text}' needs N >= 1 and 0 < LO < HI (A)")
+    return count, lo, hi
+
+
 def main(argv=None) -> int:
     from tqdm import tqdm
 
@@ -56,10 +100,18 @@ def main(argv=None) -> int:
     parser.add_argument("--window-equilibrate", type=float, default=2.0, help="ps at each new window (default 2)")
     parser.add_argument("--ion-end-on", type=float, default=None, metavar="DEG",
                         help="keep the angle C-Cl1-ion >= DEG (e.g. 150: the ion beyond Cl1 on the C-Cl1 axis)")
+    parser.add_argument("--acceptor-contact", default=None, metavar="N:LO:HI",
+                        help="hold the N solvent O/N atoms nearest to the methyl hydrogens within LO..HI A of the "
+                             "nearest of them (e.g. 2:2.4:3.2 with --solvent acetone); not with --ion")
     parser.set_defaults(qm_noise=0.0, solute="sn2")
     args = parser.parse_args(argv)
     if args.ion_end_on is not None and (args.ion is None or not 90.0 <= args.ion_end_on < 180.0):
         raise SystemExit("--ion-end-on needs --ion and an angle in [90, 180) degrees")
+    contact = None
+    if args.acceptor_contact is not None:
+        if args.ion is not None:
+            raise SystemExit("--acceptor-contact and --ion cannot be combined (both hold atoms at the solute)")
+        contact = parse_contact(args.acceptor_contact)
     try:
         start, stop, count = args.windows.split(":")
         windows = np.linspace(float(start), float(stop), int(count))
@@ -77,6 +129,11 @@ def main(argv=None) -> int:
             sampler.sim.system.addForce(end_on_restraint(sampler.qm[0], sampler.qm[4], sampler.setup.ion_index,
                                                          args.ion_end_on))
             sampler.sim.context.reinitialize(preserveState=True)
+        if contact is not None:
+            force, held = acceptor_contact_restraint(sampler, *contact)
+            sampler.sim.system.addForce(force)
+            sampler.sim.context.reinitialize(preserveState=True)
+            print(f"holding solvent atoms {held} at {contact[1]}-{contact[2]} A from the methyl hydrogens")
         window(sampler, float(windows[0]))
 
     try:
@@ -85,6 +142,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {err}")
     if args.ion_end_on is not None:
         info["ion_end_on_deg"] = args.ion_end_on
+    if contact is not None:
+        info["acceptor_contact"] = args.acceptor_contact
     with tqdm(total=args.frames, desc="sampling sn2", unit="frame") as bar:
         for k, (xi0, n) in enumerate(zip(windows, per_window)):
             if k > 0:
