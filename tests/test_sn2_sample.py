@@ -69,3 +69,54 @@ def test_acceptor_contact_refuses_bad_use_before_sampling(argv, message, tmp_pat
     with pytest.raises(SystemExit, match=message):
         script.main(["--out", str(tmp_path / "x.extxyz"), "--frames", "1", *argv])
     assert not (tmp_path / "x.extxyz").exists()
+
+
+def test_acceptor_contact_holds_the_nearest_acceptors_with_a_flat_bottom_wall():
+    """The restraint picks the solvent O/N nearest to the methyl H (not a QM atom, not a carbon) and is zero
+    inside LO..HI of the nearest H, 1/2 k (d - HI)^2 beyond."""
+    import openmm
+    from openmm import app, unit
+
+    from qmmm_driver.mm.sampling import ION_RESTRAINT_K
+
+    script = load_example("examples/sn2/sample.py")
+    top = app.Topology()
+    residue = top.addResidue("SOL", top.addChain())
+    elements = ["C", "H", "H", "H", "Cl", "Cl", "O", "N", "C", "O"]  # solute C, H1-3, Cl1, Cl2; then solvent
+    for k, e in enumerate(elements):
+        top.addAtom(f"A{k}", app.Element.getBySymbol(e), residue)
+    pos = np.array([[5.0, 5.0, 5.0], [6.0, 5.0, 5.0], [5.0, 6.0, 5.0], [5.0, 5.0, 6.0], [3.2, 5.0, 5.0],
+                    [7.0, 7.0, 3.0],
+                    [9.0, 5.0, 5.0],   # 6: O, 3 A from H1
+                    [5.0, 5.0, 9.5],   # 7: N, 3.5 A from H3
+                    [7.5, 5.0, 5.0],   # 8: C, nearer but not an acceptor
+                    [5.0, 15.0, 5.0]])  # 9: O, far
+
+    class FakeSetup:
+        topology = top
+
+        @staticmethod
+        def box_nm():
+            return np.eye(3) * 3.0
+
+    class FakeSampler:
+        qm = [0, 1, 2, 3, 4, 5]
+        setup = FakeSetup()
+
+        @staticmethod
+        def positions_A():
+            return pos
+
+    force, held = script.acceptor_contact_restraint(FakeSampler(), 2, 2.4, 3.2)
+    assert held == [6, 7] and force.getNumBonds() == 2
+    system = openmm.System()
+    for _ in elements:
+        system.addParticle(1.0)
+    system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in np.eye(3) * 3.0))
+    system.addForce(force)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(pos / 10.0 * unit.nanometer)
+    energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    assert energy == pytest.approx(0.5 * ION_RESTRAINT_K * (3.5 - 3.2) ** 2, rel=1e-6)  # only N is outside
+    with pytest.raises(SystemExit, match="O/N atoms, 5 asked for"):
+        script.acceptor_contact_restraint(FakeSampler(), 5, 2.4, 3.2)
