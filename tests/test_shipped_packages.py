@@ -111,3 +111,17 @@ def test_only_the_expected_isa_mismatch_is_silenced():
     assert not _wider_isa(record("AOTI_CPU_ISA", "AVX512 AVX512_VNNI", "AVX2"))
     assert _wider_isa(record("AOTI_CPU_ISA", "AVX2", "AVX512"))
     assert _wider_isa(record("AOTI_DEVICE_NAME", "AVX512", "AVX2"))
+
+
+@pytest.mark.parametrize("name, n_qm", [("water", 3), ("sn2", 6)])
+def test_shipped_packages_hold_avx2_kernels(name, n_qm):
+    """The shipped packages run on any AVX2 machine: inductor's kernels were written for 256-bit vectors (its
+    recorded ISA), whatever CPU compiled them (AVX-512 code from a bare -march once slipped into both)."""
+    import json
+    import zipfile
+
+    package = compiled_path(MODELS / name / "model.pt", n_qm, "cpu", torch.float32)
+    with zipfile.ZipFile(package) as archive:
+        recorded = {json.loads(archive.read(f)).get("AOTI_CPU_ISA") for f in archive.namelist()
+                    if f.endswith("_metadata.json")}
+    assert recorded == {"AVX2"}

@@ -144,6 +144,9 @@ def compile_model(model: QMMMModel, checksum: str, n_qm: int, path: str | Path, 
     if (torch.device(device).type == "cpu" and platform.machine() in ("x86_64", "AMD64")
             and hasattr(torch._inductor.config.cpp, "march")):  # (torch < 2.13 compiles for this machine's CPU)
         configs["cpp.march"] = "x86-64-v3"
+        # and the vectorised kernels for AVX2 (256-bit): inductor picks its vector ISA from this machine's CPU
+        # (AVX-512 code, AMX recorded, on the CPUs the shipped packages were built on), march alone does not
+        configs["cpp.simdlen"] = 256
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.pt2")
