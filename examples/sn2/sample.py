@@ -51,9 +51,9 @@ def end_on_restraint(carbon: int, chlorine: int, ion: int, min_deg: float):
 def nearest_acceptors(positions_A: np.ndarray, box_A: float, candidates: list[int], targets: list[int],
                       count: int) -> list[int]:
     """The ``count`` atoms of ``candidates`` nearest (minimum image in a cubic box) to any of ``targets``."""
-    d = positions_A[candidates][:, None, :] - positions_A[targets][None, :, :]
-    d -= box_A * np.round(d / box_A)
-    nearest = np.linalg.norm(d, axis=2).min(axis=1)
+    from qmmm_driver.mm.systems import min_image_distances
+
+    nearest = min_image_distances(positions_A[candidates], positions_A[targets], box_A).min(axis=1)
     return [int(candidates[k]) for k in np.argsort(nearest, kind="stable")[:count]]
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..structures import QMMMStructure
 from ..units import ANGSTROM_TO_BOHR
+from .systems import min_image_distances
 
 HOLD_K = 50000.0          # kJ/mol/nm^2: about 0.07 A thermal spread per coordinate at 300 K
 ION_RESTRAINT_K = 1000.0  # kJ/mol/A^2: flat-bottom walls of the ion distance
@@ -128,10 +129,8 @@ class Sampler:
     def ion_distance(self) -> float:
         """Distance (A, minimum image) of the MM ion to the nearest QM atom."""
         pos = self.positions_A()
-        box = self.setup.box_nm()[0, 0] * 10.0
-        d = pos[self.qm] - pos[self.setup.ion_index]
-        d -= box * np.round(d / box)
-        return float(np.linalg.norm(d, axis=1).min())
+        return float(min_image_distances(pos[self.qm], pos[[self.setup.ion_index]], self.setup.box_nm()[0, 0] * 10.0)
+                     .min())
 
     def run(self, ps: float) -> None:
         self.sim.step(max(1, int(round(ps / self.dt_ps))))

@@ -229,7 +229,7 @@ class MMSetup:
         return {"pdb": pdb, "extxyz": xyz}
 
 
-def _min_image_distances(points: np.ndarray, others: np.ndarray, box_A: float) -> np.ndarray:
+def min_image_distances(points: np.ndarray, others: np.ndarray, box_A: float) -> np.ndarray:
     """Distances [len(points), len(others)] in a cubic periodic box (Angstrom)."""
     d = points[:, None, :] - others[None, :, :]
     d -= box_A * np.round(d / box_A)
@@ -254,13 +254,13 @@ def _pack(solvent: Solvent, occupied_A: np.ndarray, box_A: float, rng: np.random
     placed: list[np.ndarray] = []
     taken = np.asarray(occupied_A, dtype=float).reshape(-1, 3)
     for site in grid:
-        if len(occupied_A) and _min_image_distances(site[None], np.asarray(occupied_A).reshape(-1, 3),
+        if len(occupied_A) and min_image_distances(site[None], np.asarray(occupied_A).reshape(-1, 3),
                                                      box_A).min() < clearance + 1.0:
             continue
         best, best_gap = None, -1.0
         for _ in range(tries):
             mol = template @ random_rotation(rng).T + site + rng.uniform(-0.2, 0.2, 3)
-            gap = _min_image_distances(mol, taken, box_A).min() if len(taken) else np.inf
+            gap = min_image_distances(mol, taken, box_A).min() if len(taken) else np.inf
             if gap > best_gap:
                 best, best_gap = mol, gap
             if gap >= contact:
