@@ -77,7 +77,7 @@ def test_acceptor_contact_holds_the_nearest_acceptors_with_a_flat_bottom_wall():
     import openmm
     from openmm import app, unit
 
-    from qmmm_driver.mm.sampling import ION_RESTRAINT_K
+    from qmmm_driver.mm.sampling import DISTANCE_WALL_K
 
     script = load_example("examples/sn2/sample.py")
     top = app.Topology()
@@ -117,6 +117,6 @@ def test_acceptor_contact_holds_the_nearest_acceptors_with_a_flat_bottom_wall():
     context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
     context.setPositions(pos / 10.0 * unit.nanometer)
     energy = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-    assert energy == pytest.approx(0.5 * ION_RESTRAINT_K * (3.5 - 3.2) ** 2, rel=1e-6)  # only N is outside
+    assert energy == pytest.approx(0.5 * DISTANCE_WALL_K * (3.5 - 3.2) ** 2, rel=1e-6)  # only N is outside
     with pytest.raises(SystemExit, match="O/N atoms, 5 asked for"):
         script.acceptor_contact_restraint(FakeSampler(), 5, 2.4, 3.2)

@@ -60,7 +60,7 @@ def nearest_acceptors(positions_A: np.ndarray, box_A: float, candidates: list[in
 def acceptor_contact_restraint(sampler, count: int, lo_A: float, hi_A: float):
     """Flat-bottom walls holding the ``count`` solvent O/N atoms nearest to the methyl hydrogens within
     [lo, hi] A of the nearest hydrogen; returns the force and the atoms held."""
-    from qmmm_driver.mm.sampling import ion_restraint
+    from qmmm_driver.mm.sampling import distance_wall
 
     hydrogens = sampler.qm[1:4]  # solute atoms: C, H1-3, Cl1, Cl2
     candidates = [a.index for a in sampler.setup.topology.atoms()
@@ -69,7 +69,7 @@ def acceptor_contact_restraint(sampler, count: int, lo_A: float, hi_A: float):
         raise SystemExit(f"--acceptor-contact: the solvent has {len(candidates)} O/N atoms, {count} asked for")
     held = nearest_acceptors(sampler.positions_A(), sampler.setup.box_nm()[0, 0] * 10.0, candidates, hydrogens,
                              count)
-    force = ion_restraint(held[0], hydrogens, lo_A, hi_A)
+    force = distance_wall(held[0], hydrogens, lo_A, hi_A)
     for atom in held[1:]:
         force.addBond([atom] + hydrogens, [])
     return force, held

@@ -12,7 +12,7 @@ Environment options:
 - QM atoms may get Gaussian displacements (``qm_noise``, A) so that frames cover
   the nuclear quantum broadening that path-integral runs visit;
 - an MM ion is held by a flat-bottom restraint at a distance range from the
-  *nearest* QM atom (:func:`ion_restraint`);
+  *nearest* QM atom (:func:`distance_wall`);
 - ``charge_noise`` multiplies the charges of every MM molecule (ions included) by
   its own factor ``1 + charge_noise * N(0, 1)`` per frame: neutral molecules stay
   neutral, the fields and their gradients at the QM atoms change (field
@@ -31,24 +31,27 @@ from ..units import ANGSTROM_TO_BOHR
 from .systems import min_image_distances
 
 HOLD_K = 50000.0          # kJ/mol/nm^2: about 0.07 A thermal spread per coordinate at 300 K
-ION_RESTRAINT_K = 1000.0  # kJ/mol/A^2: flat-bottom walls of the ion distance
+DISTANCE_WALL_K = 1000.0  # kJ/mol/A^2: flat-bottom distance walls (ions, acceptors)
 SOLVENT_LABELS = {"water": "TIP3P (amber14)", "methanol": "OPLS-AA methanol", "acetonitrile": "OPLS-AA acetonitrile",
                   "acetone": "OPLS-AA acetone"}
 
 
-def ion_restraint(ion: int, qm: list[int], lo_A: float, hi_A: float):
-    """Flat-bottom restraint keeping the distance of atom ``ion`` to the nearest of ``qm`` in [lo, hi] (A)."""
+def distance_wall(atom: int, targets: list[int], lo_A: float, hi_A: float):
+    """Flat-bottom restraint keeping the distance of ``atom`` to the nearest of ``targets`` in [lo, hi] (A).
+
+    One bond of the returned force per held atom: ``force.addBond([other] + targets, [])`` holds another
+    atom to the same targets and range."""
     import openmm
 
     nearest = "distance(p1, p2)"
-    for k in range(3, len(qm) + 2):
+    for k in range(3, len(targets) + 2):
         nearest = f"min({nearest}, distance(p1, p{k}))"
     force = openmm.CustomCompoundBondForce(
-        len(qm) + 1, f"0.5*kion*(step(lo-d)*(d-lo)^2 + step(d-hi)*(d-hi)^2); d=10*{nearest}")
-    force.addGlobalParameter("kion", ION_RESTRAINT_K)
+        len(targets) + 1, f"0.5*kwall*(step(lo-d)*(d-lo)^2 + step(d-hi)*(d-hi)^2); d=10*{nearest}")
+    force.addGlobalParameter("kwall", DISTANCE_WALL_K)
     force.addGlobalParameter("lo", float(lo_A))
     force.addGlobalParameter("hi", float(hi_A))
-    force.addBond([int(ion)] + [int(a) for a in qm], [])
+    force.addBond([int(atom)] + [int(a) for a in targets], [])
     force.setUsesPeriodicBoundaryConditions(True)
     return force
 
@@ -89,7 +92,7 @@ class Sampler:
             self.hold.addParticle(a, list(p))
         system.addForce(self.hold)
         if setup.ion_index is not None:
-            system.addForce(ion_restraint(setup.ion_index, self.qm, *ion_range_A))
+            system.addForce(distance_wall(setup.ion_index, self.qm, *ion_range_A))
         integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 1.0 / unit.picosecond,
                                                      dt_fs * unit.femtosecond)
         integrator.setRandomNumberSeed(int(self.rng.integers(1, 2**31 - 1)))
