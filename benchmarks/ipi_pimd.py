@@ -8,8 +8,10 @@ excluded).
    1671 atoms, the launcher's batching) against the same input with i-PI's dummy driver on both sockets (the
    floor: i-PI's own cost); also with the MM nonbonded terms on a contracted ring polymer (``pimd-contracted``).
 2. ``user``: a user's own PIMD input, 8 beads, the water example cut to a ~700-atom cluster, the model socket
-   only, no ``<batch_size>``, one worker (one structure per request), against the dummy floor; with i-PI's default
-   ``<consolidate_messages>`` (true) and with false (what the templates set, for fault tolerance).
+   only, no ``<batch_size>``, one worker (one structure per request), against the dummy floor (the faster of one
+   dummy driver and eight); with i-PI's default ``<consolidate_messages>`` (true) and with false (what the
+   templates set, for fault tolerance); the worker on one connection and on eight (``--connections 8``: the
+   beads that arrive together are evaluated in one call).
 3. ``fair``: a batched input (``<batch_size>`` = beads) served by ``qmmm-driver run`` and by i-PI's own
    ``i-pi-py_driver`` hosting the same evaluator through a PES that overrides ``compute`` for batches
    (``qmmm_driver/ipi/pes.py``): the best the stock driver can do with this model.
@@ -192,18 +194,20 @@ def cluster_system(work: Path, radius_A: float = 12.0) -> Path:
     return path
 
 
-def client(kind: str, address: str, model: Path, system: Path) -> list[str]:
+def client(kind: str, address: str, model: Path, system: Path, connections: int = 1) -> list[list[str]]:
+    """The command(s) of one client of ``kind``; ``connections`` > 1: that many dummy drivers, or one
+    qmmm-driver worker with ``--connections``."""
     if kind == "dummy":
-        return ["i-pi-py_driver", "-u", "-a", address, "-m", "dummy"]
+        return [["i-pi-py_driver", "-u", "-a", address, "-m", "dummy"]] * connections
     if kind == "stock":
-        return ["i-pi-py_driver", "-u", "-a", address, "-m", "custom", "-P",
-                str(REPO / "qmmm_driver" / "ipi" / "pes.py"), "-o", f"model={model},system={system}"]
-    return [sys.executable, "-m", "qmmm_driver.cli", "run", "--model", str(model), "--system", str(system),
-            "--unix", address]
+        return [["i-pi-py_driver", "-u", "-a", address, "-m", "custom", "-P",
+                 str(REPO / "qmmm_driver" / "ipi" / "pes.py"), "-o", f"model={model},system={system}"]]
+    return [[sys.executable, "-m", "qmmm_driver.cli", "run", "--model", str(model), "--system", str(system),
+             "--unix", address, "--connections", str(connections)]]
 
 
 def single(kind: str, system: Path, model: Path, beads: int, batch: int, steps: int, warmup: int,
-           work: Path, consolidate: bool = True) -> dict:
+           work: Path, consolidate: bool = True, connections: int = 1) -> dict:
     """One socket served by one client of ``kind``; ``consolidate``: i-PI's <consolidate_messages> (its default,
     true, sends POSDATA and GETFORCE at once and collects the replies with select; false polls each client with
     STATUS, which the templates choose so that a killed worker cannot stall i-PI; batches need true)."""
@@ -214,12 +218,15 @@ def single(kind: str, system: Path, model: Path, beads: int, batch: int, steps: 
         steps=steps + warmup, address=address, beads=beads, system=system,
         batch=f"<batch_size> {batch} </batch_size>" if batch > 1 else "",
         consolidate="true" if consolidate else "false"))
-    rate, final = with_clients(run, [address], [client(kind, address, model, system)], warmup)
-    out = {"steps_per_s": rate, "ms_per_structure": 1000.0 / (rate * beads)}
+    rate, final = with_clients(run, [address], client(kind, address, model, system, connections), warmup)
+    out = {"steps_per_s": rate, "ms_per_structure": 1000.0 / (rate * beads), "connections": connections}
     if kind == "qmmm-driver":
         evaluated, requests = served((run / "log").read_text())
         out.update(structures_evaluated=evaluated, structures_requested=beads * (final + 1),
                    requests_per_step=requests / (final + 1))
+        calls = re.findall(r"\((\d+) batched calls\)", (run / "log").read_text())
+        if calls:  # --connections > 1: model calls per step
+            out["calls_per_step"] = int(calls[0]) / (final + 1)
     return out
 
 
@@ -248,15 +255,22 @@ def main() -> None:
             results["user"] = []
             atoms = len(ase.io.read(system))
             for consolidate in (True, False):  # i-PI's default, then the templates' choice
-                dummy = single("dummy", system, model, 8, 1, args.steps, args.warmup, work, consolidate)
-                ours = single("qmmm-driver", system, model, 8, 1, args.steps, args.warmup, work, consolidate)
-                row = {"beads": 8, "atoms": atoms, "batch": 1,
-                       "consolidate_messages": consolidate, "dummy": dummy, "qmmm_driver": ours,
-                       "ratio_to_floor": ours["steps_per_s"] / dummy["steps_per_s"]}
-                results["user"].append(row)
-                print(f"user input (8 beads, cluster, unbatched, consolidate_messages {str(consolidate).lower()}): "
-                      f"{ours['ms_per_structure']:.2f} ms per structure, floor {dummy['ms_per_structure']:.2f} -> "
-                      f"{row['ratio_to_floor']:.2f}", flush=True)
+                # the floor: one dummy driver, and eight (one per bead); the faster of the two counts
+                floors = [single("dummy", system, model, 8, 1, args.steps, args.warmup, work, consolidate, k)
+                          for k in (1, 8)]
+                dummy = max(floors, key=lambda f: f["steps_per_s"])
+                for connections in (1, 8):  # one worker, one connection / one per bead (--connections 8)
+                    ours = single("qmmm-driver", system, model, 8, 1, args.steps, args.warmup, work, consolidate,
+                                  connections)
+                    row = {"beads": 8, "atoms": atoms, "batch": 1, "connections": connections,
+                           "consolidate_messages": consolidate, "dummy": dummy, "floors": floors,
+                           "qmmm_driver": ours, "ratio_to_floor": ours["steps_per_s"] / dummy["steps_per_s"]}
+                    results["user"].append(row)
+                    print(f"user input (8 beads, cluster, unbatched, consolidate_messages {str(consolidate).lower()}"
+                          f", worker with {connections} connection(s)): {ours['ms_per_structure']:.2f} ms per "
+                          f"structure, floor {dummy['ms_per_structure']:.2f} (dummy drivers: 1 "
+                          f"{floors[0]['ms_per_structure']:.2f}, 8 {floors[1]['ms_per_structure']:.2f}) -> "
+                          f"{row['ratio_to_floor']:.2f}", flush=True)
         if args.only in (None, "fair"):
             rows = []
             for beads in (8, 32):

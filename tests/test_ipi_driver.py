@@ -208,6 +208,62 @@ def test_protocol_unbatched_and_batched_against_scripted_server(box_case):
 
 
 
+def test_fan_in_against_scripted_server(box_case):
+    """One worker on three connections (`run --connections 3`): what arrives together is evaluated in one call
+    per set of INIT parameters, each connection gets its own frame's results; when fewer requests come than
+    expected, the worker evaluates them together once its window has passed."""
+    from qmmm_driver.ipi.fanin import FanIn
+
+    atoms, system, model, pos, rows = box_case
+    ev = ModelEvaluator(model, system, "cpu", torch.float64)
+    ref = ModelEvaluator(tiny_model(), system, "cpu", torch.float64)
+    calls = []
+    compute = ev.compute
+
+    def counted(positions, cells, params):
+        calls.append((len(positions), params["coupling"]))
+        return compute(positions, cells, params)
+
+    ev.compute = counted
+    n = len(atoms)
+    h = rows.T.copy()
+    ih = np.linalg.inv(h)
+    frames = pos[None] + np.random.default_rng(5).normal(scale=0.05, size=(5, n, 3))
+    pairs = [socket.socketpair() for _ in range(3)]
+    fan = FanIn([IPIClient(b, ev) for _, b in pairs], window=0.2)
+    thread, out = _serve_in_thread(fan)
+    srv = [_FakeIPI(a) for a, _ in pairs]
+    for k, s in enumerate(srv):
+        assert s.status() == NEEDINIT
+        s.init(" coupling : 0.5 " if k < 2 else " coupling : 1.0 ")
+        assert s.status() == READY
+    # all three at once: two evaluations (two couplings), three answers
+    for k, s in enumerate(srv):
+        s.send(POSDATA, h, ih, np.int32(n), frames[k], GETFORCE)
+    got = [s.forces(1, n) for s in srv]
+    # two of three (the classic way on one of them): evaluated together after the window
+    srv[0].send(POSDATA, h, ih, np.int32(n), frames[3])
+    srv[1].send(POSDATA, h, ih, np.int32(n), frames[4], GETFORCE)
+    assert srv[0].status() == HAVEDATA
+    srv[0].send(GETFORCE)
+    got += [srv[0].forces(1, n), srv[1].forces(1, n)]
+    for s in srv:
+        s.send(EXIT)
+    thread.join(10)
+    for a, b in pairs:
+        a.close()
+        b.close()
+    assert out.get("rc") == 0, out
+    assert sorted(calls[:2]) == [(1, 1.0), (2, 0.5)] and calls[2:] == [(2, 0.5)]
+    assert (fan.structures, fan.requests, fan.calls) == (5, 5, 3)
+    for (pot, f, vir, extras), frame, coupling in zip(got, frames[[0, 1, 2, 3, 4]], (0.5, 0.5, 1.0, 0.5, 0.5)):
+        r = ref.compute(frame[None], rows[None], {"coupling": coupling})
+        np.testing.assert_allclose(pot, r.energy, rtol=1e-10)
+        np.testing.assert_allclose(f, r.forces, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(vir, r.virial, rtol=1e-8, atol=1e-12)
+        assert extras[0]["qm_charges"] == pytest.approx(r.qm_charges[0].tolist(), rel=1e-8)
+
+
 def test_protocol_errors_against_scripted_server(box_case):
     """Wrong atom count and NaN results are refused without a reply; EOF without EXIT is reported."""
     atoms, system, model, pos, rows = box_case
@@ -427,30 +483,45 @@ def test_two_workers_serve_pimd(procs, tmp_path, tiny_model_file, launch):
 
 def test_batched_equals_unbatched(procs, tmp_path, tiny_model_file):
     """<batch_size>4</batch_size>: one compute call per 4 beads, same forces as one-by-one; the same through
-    i-PI's mode='shm' (positions and forces in shared memory, `run --shm`), batched and not."""
+    i-PI's mode='shm' (positions and forces in shared memory, `run --shm`), batched and not; and an unbatched
+    socket served by one worker on four connections (`run --connections 4`), with i-PI's default messaging, with
+    <consolidate_messages> false and in shm mode: the beads that arrive together evaluated in one call."""
     frame = write_frame(water_cluster(), tmp_path / "cluster.extxyz", box=CLUSTER_BOX)
-    forces, counts, extras = {}, {}, {}
-    for batch, mode in ((1, "unix"), (4, "unix"), (1, "shm"), (4, "shm")):
-        run_dir = tmp_path / f"batch{batch}-{mode}"
+    forces, counts, extras, logs = {}, {}, {}, {}
+    cases = ((1, "unix"), (4, "unix"), (1, "shm"), (4, "shm"), (1, "fan-in"), (1, "fan-in, polled"),
+             (1, "fan-in, shm"))
+    for batch, mode in cases:
+        run_dir = tmp_path / f"batch{batch}-{mode.replace(', ', '-')}"
         run_dir.mkdir()
         sub = Procs(run_dir)
         try:
             name = sub.socket_name()
-            xml = ipi_input(name, str(frame), steps=4, dt_fs=0.25, nbeads=4, batch_size=batch, mode=mode)
+            xml = ipi_input(name, str(frame), steps=4, dt_fs=0.25, nbeads=4, batch_size=batch,
+                            mode="shm" if "shm" in mode else "unix")
+            if mode.endswith("polled"):
+                xml = xml.replace("</address>", "</address> <consolidate_messages>false</consolidate_messages>")
             args = ["--model", tiny_model_file, "--system", frame, "--unix", name, "--dtype", "float64"]
-            ipi, workers = start_workers_then_ipi(sub, args + (["--shm"] if mode == "shm" else []), xml)
+            args += (["--shm"] if "shm" in mode else []) + (["--connections", "4"] if "fan-in" in mode else [])
+            ipi, workers = start_workers_then_ipi(sub, args, xml)
             finish_run(sub, ipi, workers)
             key = (batch, mode)
             forces[key] = np.stack([[f[1] for f in read_ipi_bin(run_dir / f"sim.frc_{b}.bin")] for b in range(4)])
-            counts[key] = served_counts(sub.log(workers[0]))[0]
+            logs[key] = sub.log(workers[0])
+            counts[key] = served_counts(logs[key])[0]
             extras[key] = (run_dir / "sim.xtr_0").read_text()
         finally:
             sub.cleanup()
     ref = forces[1, "unix"]
     assert ref.shape == (4, 5, 93, 3)
     scale = np.abs(ref).max()
-    for key in ((4, "unix"), (1, "shm"), (4, "shm")):
+    for key in cases[1:]:
         np.testing.assert_allclose(forces[key], ref, rtol=1e-8, atol=1e-9 * scale, err_msg=str(key))
+    for key in cases[4:]:  # 20 structures, 20 requests, in fewer calls
+        assert counts[key] == (20, 20), logs[key]
+        calls = int(re.search(r"\((\d+) batched calls\)", logs[key]).group(1))
+        assert 5 <= calls <= 10, logs[key]
+        numbers = [np.array(re.findall(r"-?\d+\.\d+(?:e-?\d+)?", extras[k]), dtype=float) for k in (key, (1, "unix"))]
+        np.testing.assert_allclose(*numbers, rtol=1e-8, atol=1e-12)  # the same extras (charges, dipoles)
     for batch in (1, 4):  # the same numbers either way, and the JSON extras still go through the socket
         assert np.array_equal(forces[batch, "shm"], forces[batch, "unix"])
         assert extras[batch, "shm"] == extras[batch, "unix"]

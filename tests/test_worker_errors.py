@@ -65,6 +65,8 @@ def early_failures(tmp_path_factory, tiny_model_file):
                       "--shm"], {}),
         "half_molecule": (["--model", tiny_model_file, "--system", box_file, "--qm", "0-1", "--unix", absent], {}),
         "backwards": (["--model", tiny_model_file, "--system", good, "--qm", "5-2", "--unix", absent], {}),
+        "no_connections": (["--model", tiny_model_file, "--system", good, "--unix", absent, "--connections", "0"],
+                           {}),
         "stale_socket": (["--model", tiny_model_file, "--system", good, "--unix", stale, "--connect-timeout", "1"],
                          {"name": stale}),
     }
@@ -132,6 +134,10 @@ def test_refused_inet_socket(early_failures):
 
 def test_shared_memory_needs_a_unix_socket(early_failures):
     _check(early_failures, "shm_inet", "--shm goes with --unix NAME")
+
+
+def test_connections_must_be_positive(early_failures):
+    _check(early_failures, "no_connections", "--connections 0: give 1 to 256")
 
 
 def test_half_a_molecule_as_qm_is_refused(early_failures):

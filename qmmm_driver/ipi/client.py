@@ -259,6 +259,14 @@ class IPIClient:
         self._head_view = memoryview(self._head)
         self._buffers_for = None  # (batch_size, nat) the buffers below are sized for
         self._mode_checked = False  # the first POSDATA is checked against --shm
+        #: False: each POSDATA is evaluated at once; True: its frames wait in :attr:`pending` for
+        #: :meth:`deliver` (a :mod:`.fanin` worker evaluates the frames of several connections together)
+        self.deferred = False
+        self.pending = None  # (positions [n, nat, 3], cells [n, 3, 3] or None) read and not yet evaluated
+
+    def fileno(self) -> int:
+        """The socket's: a client can be waited on with ``select``."""
+        return self.sock.fileno()
 
     # ---- low-level I/O
     def _recv_into(self, view: memoryview, what: str) -> None:
@@ -344,9 +352,15 @@ class IPIClient:
         n = self._distinct_frames()
         pos = self._pos if n == self.batch_size else self._pos[:n]
         cells = cells if cells is None or n == self.batch_size else cells[:n]
-        self._results = self.ev.compute(pos, cells, self.params)  # NonFiniteResult propagates: nothing sent
+        self.pending = (pos, cells)
+        if not self.deferred:
+            self.deliver(self.ev.compute(pos, cells, self.params))  # NonFiniteResult propagates: nothing sent
+
+    def deliver(self, results) -> None:
+        """Take the results of the :attr:`pending` frames; i-PI gets them at its next GETFORCE."""
+        self._results, self.pending = results, None
         self.requests += 1
-        self.structures += n
+        self.structures += len(results.energy)
 
     def _distinct_frames(self) -> int:
         """The frames of a batch before i-PI's padding.
@@ -465,34 +479,44 @@ class IPIClient:
             payload.append(text)
         self._send_parts((self._reply, b"".join(payload)))  # one sendmsg, no copy of the forces
 
-    def serve(self) -> int:
-        """Answer i-PI until EXIT (returns 0); raises on errors without sending a reply."""
-        hdr, view = self._hdr, self._hdr_view
-        sendall = self.sock.sendall
+    def step(self) -> bool:
+        """Read and answer one message; False after EXIT. Raises on errors without sending a reply."""
+        hdr, sendall = self._hdr, self.sock.sendall
         try:
-            while True:
-                self._recv_into(view, "a message header")
-                if hdr == STATUS:
-                    if not self.initialised:
-                        sendall(NEEDINIT)
-                    elif self._results is not None:
-                        sendall(HAVEDATA)
-                    else:
-                        sendall(READY)
-                elif hdr == POSDATA:
-                    self._on_posdata()
-                elif hdr == GETFORCE:
-                    self._on_getforce()
-                elif hdr == INIT:
-                    self._on_init()
-                elif hdr == EXIT:
-                    return 0
+            self._recv_into(self._hdr_view, "a message header")
+            if hdr == STATUS:
+                if not self.initialised:
+                    sendall(NEEDINIT)
+                elif self._results is not None:
+                    sendall(HAVEDATA)
                 else:
-                    raise ProtocolError(f"unexpected message {bytes(hdr)!r} from i-PI")
+                    sendall(READY)
+            elif hdr == POSDATA:
+                self._on_posdata()
+            elif hdr == GETFORCE:
+                self._on_getforce()
+            elif hdr == INIT:
+                self._on_init()
+            elif hdr == EXIT:
+                return False
+            else:
+                raise ProtocolError(f"unexpected message {bytes(hdr)!r} from i-PI")
         except (ConnectionResetError, BrokenPipeError) as err:
             raise ConnectionLost(f"i-PI closed the connection without sending EXIT ({err})") from err
+        return True
+
+    def close(self) -> None:
+        """Detach i-PI's shared memory, if any (i-PI removes the segments); the socket is the caller's."""
+        if self._segments is not None:
+            self._pos = self._r_pot = self._r_force = self._r_vir = None
+            self._segments.close()
+            self._segments = None
+
+    def serve(self) -> int:
+        """Answer i-PI until EXIT (returns 0); raises on errors without sending a reply."""
+        try:
+            while self.step():
+                pass
+            return 0
         finally:
-            if self._segments is not None:  # detach (i-PI removes the segments)
-                self._pos = self._r_pot = self._r_force = self._r_vir = None
-                self._segments.close()
-                self._segments = None
+            self.close()

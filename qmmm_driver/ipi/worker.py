@@ -31,6 +31,9 @@ EXIT_INPUT = 2
 EXIT_CONNECTION = 3
 EXIT_NONFINITE = 4
 
+#: Most connections one worker opens (``--connections``).
+MAX_CONNECTIONS = 256
+
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """Socket and CPU options shared by the worker commands (``run``, ``mm``)."""
@@ -44,6 +47,10 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                              "positions and forces (with --unix; the worker must run on i-PI's machine)")
     parser.add_argument("--socket-prefix", default="/tmp/ipi_", metavar="PREFIX",
                         help="i-PI's sockets_prefix for unix sockets (default: %(default)s)")
+    parser.add_argument("--connections", type=int, default=1, metavar="K",
+                        help="open K connections to i-PI's socket and evaluate the structures that arrive on them "
+                             "together, in one batched call: batching for an <ffsocket> without <batch_size> "
+                             "(e.g. K = the number of beads; default: %(default)s)")
     parser.add_argument("--connect-timeout", type=float, default=60.0, metavar="S",
                         help="keep retrying to connect for S seconds while i-PI is not up (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
@@ -81,19 +88,30 @@ def serve(command: str, args, build) -> int:
     """
     from ..parallel import detect_placement
     from .client import ConnectionLost, IPIClient, ProtocolError, connect
+    from .fanin import FanIn, connect_all
 
     placement = detect_placement()
     tag = f"[rank {placement.rank}/{placement.size}] " if placement.size > 1 else ""
     warnings.showwarning = lambda message, *_, **__: log(command, f"warning: {tag}{message}")
-    client = None
+    client, socks = None, []
     code, outcome = EXIT_INPUT, "interrupted"
     try:
         address = socket_address(args)
+        if not 1 <= args.connections <= MAX_CONNECTIONS:
+            raise InputError(f"--connections {args.connections}: give 1 to {MAX_CONNECTIONS} (one per structure "
+                             "i-PI has in flight at once, e.g. the number of beads)")
         ev, text, defaults, nonfinite = build(args, placement)
-        log(command, f"{placement.label()}, {text}, socket {address}{' + shared memory' if args.shm else ''}")
-        sock = connect(address, args.connect_timeout)
-        client = IPIClient(sock, ev, defaults, shm=args.shm)
+        how = f" x {args.connections} connections" if args.connections > 1 else ""
+        log(command, f"{placement.label()}, {text}, socket {address}{how}{' + shared memory' if args.shm else ''}")
         try:
+            if args.connections == 1:
+                socks.append(connect(address, args.connect_timeout))
+                client = IPIClient(socks[0], ev, defaults, shm=args.shm)
+            else:
+                clients = connect_all(address, args.connections, args.connect_timeout,
+                                      lambda sock: IPIClient(sock, ev, defaults, shm=args.shm))
+                socks = [c.sock for c in clients]
+                client = FanIn(clients)
             client.serve()
             code, outcome = EXIT_OK, "i-PI sent EXIT"
         except (ConnectionLost, ProtocolError) as err:
@@ -104,11 +122,12 @@ def serve(command: str, args, build) -> int:
                          "(atoms too close? a blown-up run?) and that the model covers it")
             code, outcome = EXIT_NONFINITE, "stopped by a non-finite result"
         finally:
-            try:
-                sock.shutdown(2)
-            except OSError:
-                pass
-            sock.close()
+            for sock in socks:
+                try:
+                    sock.shutdown(2)
+                except OSError:
+                    pass
+                sock.close()
     except InputError as err:
         log(command, f"error: {tag}{err}")
         code, outcome = EXIT_INPUT, "stopped by an input error"
@@ -121,5 +140,6 @@ def serve(command: str, args, build) -> int:
     finally:
         served = client.structures if client is not None else 0
         requests = client.requests if client is not None else 0
-        log(command, f"{tag}served {served} structures in {requests} requests; {outcome}")
+        calls = f" ({client.calls} batched calls)" if isinstance(client, FanIn) else ""
+        log(command, f"{tag}served {served} structures in {requests} requests{calls}; {outcome}")
     return code

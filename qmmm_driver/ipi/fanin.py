@@ -1,0 +1,134 @@
+"""One worker on several connections to the same i-PI socket: the structures that arrive together are evaluated
+in one batched call.
+
+i-PI hands each request (a bead, a replica) to a free client and has all of a
+step's requests in flight at once when enough clients are connected. A worker
+started with ``--connections K`` opens K connections, each answered by its own
+:class:`~qmmm_driver.ipi.client.IPIClient`, and gathers what arrives: the
+positions of every connection that has a request are evaluated in one
+:meth:`Evaluator.compute <qmmm_driver.evaluator.Evaluator.compute>` call (one per
+set of INIT parameters), then each connection answers its own STATUS and
+GETFORCE. So an i-PI input without ``<batch_size>`` is evaluated in batches, with
+no change to the input, and one model in memory serves every connection.
+
+When to evaluate: as soon as every connection has a request, or as many have one
+as in the largest of the last :data:`MEMORY` evaluations; otherwise ``window``
+seconds after the first request arrived, whatever is there by then. A connection
+whose positions wait is not read from, so i-PI's STATUS queries to it are
+answered (HAVEDATA) once its forces exist, as from a client that computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import select
+import time
+from collections import deque
+
+import numpy as np
+
+from .client import ConnectionLost, IPIClient, connect
+
+#: How many past evaluations set the expected number of requests (the largest of them).
+MEMORY = 16
+#: Seconds after the first request to wait for more when fewer than expected have arrived.
+WINDOW = 0.003
+
+
+def connect_all(address, count: int, timeout: float, make_client) -> list[IPIClient]:
+    """``count`` connections to i-PI at ``address``, each served by ``make_client(sock)``, opened one after the
+    other: each answers its first message (i-PI's handshake) before the next opens, because i-PI takes one new
+    client at a time and waits for its answer, and unanswered connections would fill its queue."""
+    clients: list[IPIClient] = []
+    try:
+        for k in range(count):
+            clients.append(make_client(connect(address, timeout)))
+            if k + 1 < count:
+                if not select.select([clients[-1]], [], [], timeout)[0]:
+                    raise ConnectionLost(f"i-PI at {address} accepted connection {k + 1} of {count} but did not "
+                                         f"talk to it within {timeout:g} s")
+                clients[-1].step()
+        return clients
+    except BaseException:
+        for c in clients:
+            c.sock.close()
+        raise
+
+
+def frames_of(results, start: int, stop: int):
+    """The results of frames ``start:stop`` of a batch (every field of a results dataclass is per frame)."""
+    return dataclasses.replace(results, **{f.name: getattr(results, f.name)[start:stop]
+                                           for f in dataclasses.fields(results)})
+
+
+def evaluate_together(clients: list[IPIClient]) -> int:
+    """Evaluate the pending frames of ``clients`` (one call per set of parameters) and deliver the results;
+    returns the number of calls."""
+    groups: dict[tuple, list[IPIClient]] = {}
+    for c in clients:
+        groups.setdefault(tuple(sorted(c.params.items())), []).append(c)
+    for group in groups.values():
+        positions = np.concatenate([c.pending[0] for c in group])
+        cells = None if group[0].pending[1] is None else np.concatenate([c.pending[1] for c in group])
+        results = group[0].ev.compute(positions, cells, group[0].params)  # NonFiniteResult propagates
+        start = 0
+        for c in group:
+            n = len(c.pending[0])
+            c.deliver(frames_of(results, start, start + n))
+            start += n
+    return len(groups)
+
+
+class FanIn:
+    """Serves ``clients`` (IPIClients of one worker, each on its own connection) until every one has had EXIT.
+
+    ``calls`` counts the evaluator calls, ``structures`` and ``requests`` what the clients answered.
+    """
+
+    def __init__(self, clients: list[IPIClient], window: float = WINDOW):
+        self.clients = list(clients)
+        for c in self.clients:
+            c.deferred = True
+        self.window = float(window)
+        self.calls = 0
+        self._recent: deque[int] = deque(maxlen=MEMORY)  # requests per evaluation
+
+    @property
+    def structures(self) -> int:
+        return sum(c.structures for c in self.clients)
+
+    @property
+    def requests(self) -> int:
+        return sum(c.requests for c in self.clients)
+
+    def serve(self) -> int:
+        """Answer i-PI on every connection until each has sent EXIT (returns 0); raises like IPIClient.serve."""
+        live = list(self.clients)
+        first = 0.0  # when the oldest waiting request arrived
+        try:
+            while live:
+                waiting = [c for c in live if c.pending is not None]
+                idle = [c for c in live if c.pending is None]
+                due = bool(waiting) and (not idle or len(waiting) >= max(self._recent, default=len(live)))
+                if not waiting:
+                    timeout = None
+                elif due:
+                    timeout = 0.0  # take what has already arrived, then evaluate
+                else:
+                    timeout = max(0.0, first + self.window - time.monotonic())
+                readable = select.select(idle, [], [], timeout)[0] if idle else []
+                for c in readable:
+                    had = c.pending is not None
+                    if not c.step():
+                        live.remove(c)
+                    elif c.pending is not None and not had and not waiting:
+                        first = time.monotonic()
+                        waiting = [c]
+                waiting = [c for c in live if c.pending is not None]
+                if waiting and (due or time.monotonic() - first >= self.window):
+                    self._recent.append(len(waiting))
+                    self.calls += evaluate_together(waiting)
+            return 0
+        finally:
+            for c in self.clients:
+                c.close()
