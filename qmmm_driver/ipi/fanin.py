@@ -104,7 +104,7 @@ class FanIn:
     def serve(self) -> int:
         """Answer i-PI on every connection until each has sent EXIT (returns 0); raises like IPIClient.serve."""
         live = list(self.clients)
-        first = 0.0  # when the oldest waiting request arrived
+        first = None  # when the oldest waiting request was seen
         try:
             while live:
                 waiting = [c for c in live if c.pending is not None]
@@ -116,18 +116,16 @@ class FanIn:
                     timeout = 0.0  # take what has already arrived, then evaluate
                 else:
                     timeout = max(0.0, first + self.window - time.monotonic())
-                readable = select.select(idle, [], [], timeout)[0] if idle else []
-                for c in readable:
-                    had = c.pending is not None
+                for c in select.select(idle, [], [], timeout)[0] if idle else []:
                     if not c.step():
                         live.remove(c)
-                    elif c.pending is not None and not had and not waiting:
-                        first = time.monotonic()
-                        waiting = [c]
                 waiting = [c for c in live if c.pending is not None]
+                if waiting and first is None:
+                    first = time.monotonic()
                 if waiting and (due or time.monotonic() - first >= self.window):
                     self._recent.append(len(waiting))
                     self.calls += evaluate_together(waiting)
+                    first = None
             return 0
         finally:
             for c in self.clients:

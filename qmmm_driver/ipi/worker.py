@@ -87,7 +87,7 @@ def serve(command: str, args, build) -> int:
     start and one at the exit, whatever the outcome.
     """
     from ..parallel import detect_placement
-    from .client import ConnectionLost, IPIClient, ProtocolError, connect
+    from .client import ConnectionLost, IPIClient, ProtocolError
     from .fanin import FanIn, connect_all
 
     placement = detect_placement()
@@ -104,14 +104,10 @@ def serve(command: str, args, build) -> int:
         how = f" x {args.connections} connections" if args.connections > 1 else ""
         log(command, f"{placement.label()}, {text}, socket {address}{how}{' + shared memory' if args.shm else ''}")
         try:
-            if args.connections == 1:
-                socks.append(connect(address, args.connect_timeout))
-                client = IPIClient(socks[0], ev, defaults, shm=args.shm)
-            else:
-                clients = connect_all(address, args.connections, args.connect_timeout,
-                                      lambda sock: IPIClient(sock, ev, defaults, shm=args.shm))
-                socks = [c.sock for c in clients]
-                client = FanIn(clients)
+            clients = connect_all(address, args.connections, args.connect_timeout,
+                                  lambda sock: IPIClient(sock, ev, defaults, shm=args.shm))
+            socks = [c.sock for c in clients]
+            client = clients[0] if len(clients) == 1 else FanIn(clients)
             client.serve()
             code, outcome = EXIT_OK, "i-PI sent EXIT"
         except (ConnectionLost, ProtocolError) as err:
