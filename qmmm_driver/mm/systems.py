@@ -255,7 +255,7 @@ def _pack(solvent: Solvent, occupied_A: np.ndarray, box_A: float, rng: np.random
     taken = np.asarray(occupied_A, dtype=float).reshape(-1, 3)
     for site in grid:
         if len(occupied_A) and min_image_distances(site[None], np.asarray(occupied_A).reshape(-1, 3),
-                                                     box_A).min() < clearance + 1.0:
+                                                    box_A).min() < clearance + 1.0:
             continue
         best, best_gap = None, -1.0
         for _ in range(tries):
