@@ -151,8 +151,9 @@ def tiny_model(elements=("H", "O"), env_order: int = 3, seed: int = 0, **kw):
 
     torch.manual_seed(seed)
     kw.setdefault("polarizability", env_order >= 1)
+    kw = {"channels": 8, "n_layers": 2, "radial_hidden": 8, "readout_hidden": 8, **kw}
     settings = ModelSettings(elements=list(elements), masses=[float(atomic_masses[atomic_numbers[e]]) for e in elements],
-                             env_order=env_order, channels=8, n_layers=2, radial_hidden=8, readout_hidden=8, **kw)
+                             env_order=env_order, **kw)
     model = QMMMModel(settings)
     with torch.no_grad():
         model.energy_scale.fill_(0.01)

@@ -211,6 +211,29 @@ def test_batch_equals_one_by_one(model64):
         assert np.allclose(single.dipole[0], batch.dipole[b], atol=1e-10)
 
 
+@pytest.mark.parametrize("env_order,n_layers", [(0, 2), (1, 3), (3, 1), (3, 3)])
+def test_skipped_paths_change_nothing(env_order, n_layers):
+    """The first block skips the paths from feature degrees > 0 (zero there), the last computes only the degrees
+    the readout uses: energy, forces, charges and dipole equal those with every path of every block evaluated."""
+    from qmmm_driver.nn.blocks import InteractionBlock
+
+    model = tiny_model(elements=("H", "C", "O", "Cl"), env_order=env_order, n_layers=n_layers).double()
+    s = model.settings
+    full = tiny_model(elements=("H", "C", "O", "Cl"), env_order=env_order, n_layers=n_layers).double()
+    full.blocks = torch.nn.ModuleList(
+        InteractionBlock(s.lmax, env_order, s.channels, s.n_radial, s.radial_hidden, s.short_range)
+        for _ in range(n_layers)).double()
+    full.load_state_dict(model.state_dict())
+    assert model.blocks[0].conv.cg_used.shape[2] < full.blocks[0].conv.cg_used.shape[2] == full.blocks[0].conv.cg.shape[2]
+    assert model.blocks[-1].env.cg_used.shape[2] < full.blocks[-1].env.cg_used.shape[2]
+    atoms = sn2_cluster()
+    ours, every_path = evaluate(model, atoms), evaluate(full, atoms)
+    assert ours.energy[0] == pytest.approx(every_path.energy[0], rel=1e-12)
+    np.testing.assert_allclose(ours.forces, every_path.forces, atol=1e-12 * np.abs(every_path.forces).max())
+    np.testing.assert_allclose(ours.qm_charges, every_path.qm_charges, atol=1e-12)
+    np.testing.assert_allclose(ours.dipole, every_path.dipole, atol=1e-11)
+
+
 def test_training_path_equals_the_driver(model64):
     """Training folds the far MM charges into fixed Taylor tensors (linearised in the QM positions): energies,
     QM forces and near-MM forces equal those of the driver's evaluation, frames of different sizes batched."""

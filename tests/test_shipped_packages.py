@@ -1,4 +1,4 @@
-"""The compiled packages shipped beside the water and SN2 models (AOTInductor; water's tuned) give the eager
+"""The compiled packages shipped beside the water and SN2 models (AOTInductor, untuned) give the eager
 models' energies, forces and charges on their own systems, one frame and a batch; a package that disagrees with
 its model is refused."""
 

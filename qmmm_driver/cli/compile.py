@@ -19,7 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, help="package path (default: beside the model)")
     parser.add_argument("--tune", action="store_true",
                         help="time each matrix product against generated kernels and keep the faster (a compile "
-                             "2-3x longer; the shipped water package is tuned)")
+                             "2-3x longer; not always faster: the shipped packages are untuned)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -70,7 +70,8 @@ class TensorProductY(torch.nn.Module):
     (sample, channel, path) before mixing (the radial weights of a convolution).
     """
 
-    def __init__(self, l_in: int, l_y: int, l_out: int, channels_in: int, channels_out: int):
+    def __init__(self, l_in: int, l_y: int, l_out: int, channels_in: int, channels_out: int,
+                 l_in_used: int | None = None, l_out_used: int | None = None):
         super().__init__()
         self.l_in, self.l_y, self.l_out = l_in, l_y, l_out
         self.paths = sorted(coupling_paths(l_in, l_y, l_out), key=lambda p: (p[2], p[0], p[1]))
@@ -82,36 +83,55 @@ class TensorProductY(torch.nn.Module):
             block[l1 * l1:(l1 + 1) ** 2, l2 * l2:(l2 + 1) ** 2] = cg
             blocks.append(block)
         self.register_buffer("cg", torch.cat(blocks, dim=2).to(torch.get_default_dtype()))
-        # per output degree: (degree, first path, number of paths, first component, 1/sqrt(fan-in))
-        self.groups = []
-        first_path = first_comp = 0
-        for l3 in range(l_out + 1):
-            n = sum(1 for *_, l in self.paths if l == l3)
-            if n:
-                self.groups.append((l3, first_path, n, first_comp, 1.0 / math.sqrt(n * channels_in)))
-            first_path += n
-            first_comp += n * (2 * l3 + 1)
-        if len(self.groups) != l_out + 1:
-            raise ValueError(f"some output degree of {l_in} x {l_y} -> {l_out} has no coupling path")
         self.n_paths = len(self.paths)
         self.weight = torch.nn.Parameter(torch.randn(self.n_paths, channels_in, channels_out))
+        # Only the paths that can matter are evaluated: inputs of degree <= l_in_used (the rest are known to be
+        # zero) into outputs of degree <= l_out_used (the rest are never read). Paths are sorted by (l3, l1, l2),
+        # so those of one output degree with l1 <= l_in_used are a run; the weights and the normalisation stay
+        # those of the whole product (the cg buffer too: both are in the model file).
+        self.l_in_used = l_in if l_in_used is None else min(l_in_used, l_in)
+        self.l_out_used = l_out if l_out_used is None else min(l_out_used, l_out)
+        # per output degree: (degree, first path, number of paths, first component, 1/sqrt(fan-in))
+        self.groups = []
+        used_components = []
+        first_path = first_comp = used_comp = 0
+        for l3 in range(l_out + 1):
+            group = [k for k, p in enumerate(self.paths) if p[2] == l3]
+            used = [k for k in group if self.paths[k][0] <= self.l_in_used]
+            if not group:
+                raise ValueError(f"some output degree of {l_in} x {l_y} -> {l_out} has no coupling path")
+            if l3 <= self.l_out_used:  # a group without used paths gives zeros
+                self.groups.append((l3, first_path, len(used), used_comp, 1.0 / math.sqrt(len(group) * channels_in)))
+                used_components.extend(range(first_comp, first_comp + len(used) * (2 * l3 + 1)))
+                used_comp += len(used) * (2 * l3 + 1)
+            first_path += len(group)
+            first_comp += len(group) * (2 * l3 + 1)
+        cg_used = self.cg[:(self.l_in_used + 1) ** 2, :, used_components].contiguous()
+        self.register_buffer("cg_used", cg_used, persistent=False)
 
     def couple(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Unmixed path outputs ``[n, U, n_components_of_all_paths]``."""
-        return torch.bmm(x, torch.einsum("nj,ijp->nip", y, self.cg))
+        """Unmixed outputs of the used paths ``[n, U, n_components]`` (x's degrees above l_in_used ignored)."""
+        if x.shape[2] > self.cg_used.shape[0]:
+            x = x[:, :, :self.cg_used.shape[0]]
+        return torch.bmm(x, torch.einsum("nj,ijp->nip", y, self.cg_used))
 
     def weigh(self, t: torch.Tensor, path_weights: torch.Tensor) -> torch.Tensor:
-        """Scale the components of every path of ``t`` by ``path_weights`` ``[n, U, n_paths]``."""
+        """Scale the components of every used path of ``t`` by ``path_weights`` ``[n, U, n_paths]`` (all paths)."""
         parts = []
         for l3, p0, n, c0, _ in self.groups:
+            if n == 0:
+                continue
             block = t[:, :, c0:c0 + n * (2 * l3 + 1)].unflatten(2, (n, 2 * l3 + 1))
             parts.append((block * path_weights[:, :, p0:p0 + n, None]).flatten(2))
         return torch.cat(parts, dim=2)
 
     def mix(self, t: torch.Tensor) -> torch.Tensor:
-        """Mix channels per path and sum the paths of each output degree: ``[n, W, (l_out+1)^2]``."""
+        """Mix channels per path and sum the paths of each output degree: ``[n, W, (l_out_used+1)^2]``."""
         blocks = []
         for l3, p0, n, c0, norm in self.groups:
+            if n == 0:
+                blocks.append(t.new_zeros(t.shape[0], self.weight.shape[2], 2 * l3 + 1))
+                continue
             block = t[:, :, c0:c0 + n * (2 * l3 + 1)].unflatten(2, (n, 2 * l3 + 1))  # [N, U, q, m]
             w = self.weight[p0:p0 + n].flatten(0, 1)  # [(q u), W]
             blocks.append((block.permute(0, 3, 2, 1).flatten(2) @ w).transpose(1, 2) * norm)  # [N, W, m]
@@ -138,7 +158,8 @@ class ChannelLinear(torch.nn.Module):
         self.register_buffer("degrees", degree_index(lmax))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.einsum("nui,iuw->nwi", x, self.weight[self.degrees])
+        """``x`` [n, C_in, (l+1)^2] for any l <= lmax, mapped to [n, C_out, (l+1)^2]."""
+        out = torch.einsum("nui,iuw->nwi", x, self.weight[self.degrees[:x.shape[2]]])
         return torch.cat([out[:, :, :1] + self.bias[:, None], out[:, :, 1:]], dim=2)
 
     def extra_repr(self) -> str:
@@ -147,7 +168,7 @@ class ChannelLinear(torch.nn.Module):
 
 class Gate(torch.nn.Module):
     """SiLU on the scalars; every irrep of degree l > 0 scaled by a sigmoid gate computed from the scalars.
-    ``irreps_in`` = ``irreps_out`` = ``C x (0e..lmax)``."""
+    ``irreps_in`` = ``irreps_out`` = ``C x (0e..l)``, any l <= lmax."""
 
     def __init__(self, lmax: int, channels: int):
         super().__init__()
@@ -158,7 +179,7 @@ class Gate(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x[:, :, 0]
         g = torch.sigmoid(self.gates(s)).view(x.shape[0], x.shape[1], self.lmax)
-        return torch.cat([torch.nn.functional.silu(s)[:, :, None], x[:, :, 1:] * g[:, :, self.gate_of]], dim=2)
+        return torch.cat([torch.nn.functional.silu(s)[:, :, None], x[:, :, 1:] * g[:, :, self.gate_of[:x.shape[2] - 1]]], dim=2)
 
     def extra_repr(self) -> str:
         return f"{node_irreps(self.channels, self.lmax)}"
@@ -178,17 +199,24 @@ class InteractionBlock(torch.nn.Module):
 
     Edges are arranged receiver-major, ``n - 1`` per receiver (see
     :func:`~qmmm_driver.nn.model.receiver_major_pairs`).
+
+    ``l_in_used``: the input features above this degree are zero (the first block, fed the
+    element embedding, has only scalars), so the paths from them are skipped; ``l_out_used``:
+    only the output degrees up to this one are computed and returned (the last block, whose
+    readout needs scalars and vectors). The weights are those of the whole block either way.
     """
 
     def __init__(self, lmax: int, env_order: int, channels: int, n_radial: int, radial_hidden: int,
-                 short_range: bool):
+                 short_range: bool, l_in_used: int | None = None, l_out_used: int | None = None):
         from e3nn.nn import FullyConnectedNet
 
         super().__init__()
-        self.conv = TensorProductY(lmax, lmax, lmax, channels, channels)
+        self.conv = TensorProductY(lmax, lmax, lmax, channels, channels, l_in_used, l_out_used)
         self.radial = FullyConnectedNet([n_radial, radial_hidden, channels * self.conv.n_paths],
                                         torch.nn.functional.silu)
-        self.env = TensorProductY(lmax, env_order, lmax, channels, channels)
+        self.env = TensorProductY(lmax, env_order, lmax, channels, channels, l_in_used, l_out_used)
+        self.n_in = (self.conv.l_in_used + 1) ** 2
+        self.n_out = (self.conv.l_out_used + 1) ** 2
         self.self_linear = ChannelLinear(lmax, channels, channels)
         self.short_linear = ChannelLinear(lmax, channels, channels) if short_range else None
         self.gate = Gate(lmax, channels)
@@ -196,15 +224,18 @@ class InteractionBlock(torch.nn.Module):
 
     def forward(self, h: torch.Tensor, src: torch.Tensor, edge_sh: torch.Tensor, edge_basis: torch.Tensor,
                 env: torch.Tensor, avg_neighbors: torch.Tensor, short: torch.Tensor | None) -> torch.Tensor:
-        """``h`` [n, C, S] for ``n`` atoms of frames of ``per_frame`` atoms; edge tensors flat [n (per_frame - 1), ...]."""
+        """``h`` [n, C, S] for ``n`` atoms of frames of ``per_frame`` atoms; edge tensors flat [n (per_frame - 1), ...].
+        Returns [n, C, (l_out_used+1)^2]."""
         n = h.shape[0]
         per_receiver = edge_sh.shape[0] // max(n, 1)
         weights = self.radial(edge_basis).view(-1, self.channels, self.conv.n_paths)
-        pre = self.env(h, env) + self.self_linear(h)
+        h_out = h[:, :, :self.n_out] if self.n_out < h.shape[2] else h
+        pre = self.env(h, env) + self.self_linear(h_out)
         if per_receiver:  # a single QM atom has no messages
-            messages = self.conv.weigh(self.conv.couple(h[src], edge_sh), weights)
+            h_in = h[:, :, :self.n_in] if self.n_in < h.shape[2] else h
+            messages = self.conv.weigh(self.conv.couple(h_in[src], edge_sh), weights)
             agg = messages.view(n, per_receiver, self.channels, -1).sum(dim=1) / avg_neighbors
             pre = pre + self.conv.mix(agg)
         if self.short_linear is not None and short is not None:
-            pre = pre + self.short_linear(short)
-        return h + self.gate(pre)
+            pre = pre + self.short_linear(short[:, :, :self.n_out] if self.n_out < short.shape[2] else short)
+        return h_out + self.gate(pre)

@@ -62,9 +62,11 @@ class QMMMModel(torch.nn.Module):
         self.edge_harmonics = o3.SphericalHarmonics(list(range(s.lmax + 1)), normalize=True,
                                                     normalization="component")
         self.basis = RadialBasis(s.cutoff, s.n_radial)
+        # the first block sees only the embedding's scalars; the readout needs degrees 0 and 1 of the last
         self.blocks = torch.nn.ModuleList(
-            InteractionBlock(s.lmax, self.K, s.channels, s.n_radial, s.radial_hidden, s.short_range)
-            for _ in range(s.n_layers))
+            InteractionBlock(s.lmax, self.K, s.channels, s.n_radial, s.radial_hidden, s.short_range,
+                             l_in_used=0 if layer == 0 else None, l_out_used=1 if layer == s.n_layers - 1 else None)
+            for layer in range(s.n_layers))
         self.layer_charges = torch.nn.ModuleList(
             torch.nn.Linear(s.channels, 1) for _ in range(s.n_layers if s.long_range else 0))
         if s.short_range:
