@@ -52,7 +52,11 @@ from qmmm_driver.ipi.outputs import OutputSpec, last_step  # noqa: E402
 from qmmm_driver.launcher import MODELS, TEMPLATES  # noqa: E402
 
 OUT = [OutputSpec("properties", "sim.out", "")]
+# A fixed seed: the same thermal start in every run. The input has no MM force field (the model socket only), so
+# the MM charges drift towards the QM water; some random starts collapse onto it within 300 steps and the run
+# blows up (the worker then stops with its non-finite-energy error), which this seed does not.
 INPUT = """<simulation verbosity='low'>
+  <prng><seed> 31415 </seed></prng>
   <output prefix='sim'> <properties stride='1' filename='out'> [ step, potential ] </properties> </output>
   <total_steps> {steps} </total_steps>
   <ffsocket name='qmmm' mode='unix' pbc='false'> <address>{address}</address> {batch}

@@ -211,7 +211,8 @@ def test_protocol_unbatched_and_batched_against_scripted_server(box_case):
 def test_fan_in_against_scripted_server(box_case):
     """One worker on three connections (`run --connections 3`): what arrives together is evaluated in one call
     per set of INIT parameters, each connection gets its own frame's results; when fewer requests come than
-    expected, the worker evaluates them together once its window has passed."""
+    expected, the worker evaluates them together once no more have come for its quiet gap, learned from the
+    complete round before (its shortest, since that round's requests came at once)."""
     from qmmm_driver.ipi.fanin import FanIn
 
     atoms, system, model, pos, rows = box_case
@@ -230,7 +231,8 @@ def test_fan_in_against_scripted_server(box_case):
     ih = np.linalg.inv(h)
     frames = pos[None] + np.random.default_rng(5).normal(scale=0.05, size=(5, n, 3))
     pairs = [socket.socketpair() for _ in range(3)]
-    fan = FanIn([IPIClient(b, ev) for _, b in pairs], window=0.2)
+    fan = FanIn([IPIClient(b, ev) for _, b in pairs], window=0.5, min_gap=0.1)
+    assert fan.quiet_gap == 0.5  # nothing learned yet: the window
     thread, out = _serve_in_thread(fan)
     srv = [_FakeIPI(a) for a, _ in pairs]
     for k, s in enumerate(srv):
@@ -241,7 +243,7 @@ def test_fan_in_against_scripted_server(box_case):
     for k, s in enumerate(srv):
         s.send(POSDATA, h, ih, np.int32(n), frames[k], GETFORCE)
     got = [s.forces(1, n) for s in srv]
-    # two of three (the classic way on one of them): evaluated together after the window
+    # two of three (the classic way on one of them): evaluated together after the quiet gap
     srv[0].send(POSDATA, h, ih, np.int32(n), frames[3])
     srv[1].send(POSDATA, h, ih, np.int32(n), frames[4], GETFORCE)
     assert srv[0].status() == HAVEDATA
@@ -256,6 +258,7 @@ def test_fan_in_against_scripted_server(box_case):
     assert out.get("rc") == 0, out
     assert sorted(calls[:2]) == [(1, 1.0), (2, 0.5)] and calls[2:] == [(2, 0.5)]
     assert (fan.structures, fan.requests, fan.calls) == (5, 5, 3)
+    assert 0.1 <= fan.quiet_gap < 0.5  # learned from one complete round, whose requests came together
     for (pot, f, vir, extras), frame, coupling in zip(got, frames[[0, 1, 2, 3, 4]], (0.5, 0.5, 1.0, 0.5, 0.5)):
         r = ref.compute(frame[None], rows[None], {"coupling": coupling})
         np.testing.assert_allclose(pot, r.energy, rtol=1e-10)
