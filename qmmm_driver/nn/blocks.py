@@ -54,6 +54,12 @@ class RadialBasis(torch.nn.Module):
         return f"cutoff={self.cutoff:.3f} bohr, irreps_out={self.n}x0e"
 
 
+def leading(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` components (last axis) of ``x``; ``x`` itself when it has no more, so that the traced graph
+    holds no empty slice (torch 2.13's tuned compile baked a batch size into the products after one)."""
+    return x[..., :k] if k < x.shape[-1] else x
+
+
 def coupling_paths(l_in: int, l_y: int, l_out: int) -> list[tuple[int, int, int]]:
     """Paths (l1, l2, l3) allowed by the triangle rule and natural parity (l1 + l2 + l3 even)."""
     return [(l1, l2, l3) for l1 in range(l_in + 1) for l2 in range(l_y + 1) for l3 in range(l_out + 1)
@@ -111,9 +117,7 @@ class TensorProductY(torch.nn.Module):
 
     def couple(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Unmixed outputs of the used paths ``[n, U, n_components]`` (x's degrees above l_in_used ignored)."""
-        if x.shape[2] > self.cg_used.shape[0]:
-            x = x[:, :, :self.cg_used.shape[0]]
-        return torch.bmm(x, torch.einsum("nj,ijp->nip", y, self.cg_used))
+        return torch.bmm(leading(x, self.cg_used.shape[0]), torch.einsum("nj,ijp->nip", y, self.cg_used))
 
     def weigh(self, t: torch.Tensor, path_weights: torch.Tensor) -> torch.Tensor:
         """Scale the components of every used path of ``t`` by ``path_weights`` ``[n, U, n_paths]`` (all paths)."""
@@ -179,7 +183,8 @@ class Gate(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x[:, :, 0]
         g = torch.sigmoid(self.gates(s)).view(x.shape[0], x.shape[1], self.lmax)
-        return torch.cat([torch.nn.functional.silu(s)[:, :, None], x[:, :, 1:] * g[:, :, self.gate_of[:x.shape[2] - 1]]], dim=2)
+        gated = x[:, :, 1:] * g[:, :, self.gate_of[:x.shape[2] - 1]]
+        return torch.cat([torch.nn.functional.silu(s)[:, :, None], gated], dim=2)
 
     def extra_repr(self) -> str:
         return f"{node_irreps(self.channels, self.lmax)}"
@@ -229,13 +234,12 @@ class InteractionBlock(torch.nn.Module):
         n = h.shape[0]
         per_receiver = edge_sh.shape[0] // max(n, 1)
         weights = self.radial(edge_basis).view(-1, self.channels, self.conv.n_paths)
-        h_out = h[:, :, :self.n_out] if self.n_out < h.shape[2] else h
+        h_out = leading(h, self.n_out)
         pre = self.env(h, env) + self.self_linear(h_out)
         if per_receiver:  # a single QM atom has no messages
-            h_in = h[:, :, :self.n_in] if self.n_in < h.shape[2] else h
-            messages = self.conv.weigh(self.conv.couple(h_in[src], edge_sh), weights)
+            messages = self.conv.weigh(self.conv.couple(leading(h, self.n_in)[src], edge_sh), weights)
             agg = messages.view(n, per_receiver, self.channels, -1).sum(dim=1) / avg_neighbors
             pre = pre + self.conv.mix(agg)
         if self.short_linear is not None and short is not None:
-            pre = pre + self.short_linear(short[:, :, :self.n_out] if self.n_out < short.shape[2] else short)
+            pre = pre + self.short_linear(leading(short, self.n_out))
         return h_out + self.gate(pre)
