@@ -267,6 +267,42 @@ def test_fan_in_against_scripted_server(box_case):
         assert extras[0]["qm_charges"] == pytest.approx(r.qm_charges[0].tolist(), rel=1e-8)
 
 
+def test_fan_in_refuses_a_reply_it_could_block_on(box_case):
+    """A worker on several connections writes each reply whole or not at all: blocked on one connection while i-PI
+    waits on another for a STATUS answer, both would wait for ever (seen with <batch_size> 32 and two
+    connections). The connections' send buffers are enlarged; a reply that still does not fit is an input error
+    that says what to use instead, and nothing is sent."""
+    from qmmm_driver.errors import InputError
+    from qmmm_driver.ipi.fanin import FanIn
+
+    atoms, system, model, pos, rows = box_case
+    ev = ModelEvaluator(model, system, "cpu", torch.float64)
+    n = len(atoms)
+    h = rows.T.copy()
+    pairs = [socket.socketpair() for _ in range(2)]
+    before = pairs[0][1].getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    fan = FanIn([IPIClient(b, ev) for _, b in pairs], window=0.05)
+    assert pairs[0][1].getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= before
+    pairs[0][1].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1024)  # the kernel's smallest: ~4.6 kB
+    assert 24 * n > pairs[0][1].getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)  # this reply cannot fit
+    srv = [_FakeIPI(a) for a, _ in pairs]
+    thread, out = _serve_in_thread(fan)
+    for s in srv:
+        assert s.status() == NEEDINIT
+        s.init(" ")
+        s.send(POSDATA, h, np.linalg.inv(h), np.int32(n), pos, GETFORCE)
+    thread.join(20)
+    assert isinstance(out.get("error"), InputError), out
+    message = str(out["error"])
+    assert "--connections" in message and "--shm" in message and f"{n} atoms" in message
+    srv[0].sock.settimeout(0.5)
+    with pytest.raises(socket.timeout):  # nothing of the reply was sent
+        srv[0].sock.recv(1)
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
 def test_protocol_errors_against_scripted_server(box_case):
     """Wrong atom count and NaN results are refused without a reply; EOF without EXIT is reported."""
     atoms, system, model, pos, rows = box_case

@@ -477,7 +477,23 @@ class IPIClient:
             text = json.dumps(extras).encode("utf-8") if extras else b""  # none: i-PI records no extras
             payload.append(np.int32(len(text)).tobytes())
             payload.append(text)
-        self._send_parts((self._reply, b"".join(payload)))  # one sendmsg, no copy of the forces
+        payload = b"".join(payload)
+        if self.deferred:
+            self._check_room(len(self._reply) + len(payload))
+        self._send_parts((self._reply, payload))  # one sendmsg, no copy of the forces
+
+    def _check_room(self, nbytes: int) -> None:
+        """A worker on several connections must never wait for i-PI to read one of them: i-PI may be waiting on
+        another connection for an answer (a STATUS), which the worker, blocked, would never give. So a reply must
+        fit the socket's send buffer whole (:mod:`.fanin` enlarges it as far as the kernel allows)."""
+        room = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) * 9 // 10
+        if nbytes > room:
+            raise InputError(
+                f"--connections: a reply of {nbytes / 1e6:.2f} MB ({self.batch_size} structure(s) of "
+                f"{self.system.n_atoms} atoms) does not fit this connection's send buffer ({room / 1e6:.2f} MB, "
+                "capped by the kernel's net.core.wmem_max), and a worker on several connections must not wait on "
+                "one of them. Use shared memory (--shm with <ffsocket mode='shm'>), or one connection "
+                "(<batch_size> in the <ffsocket> batches on i-PI's side)")
 
     def step(self) -> bool:
         """Read and answer one message; False after EXIT. Raises on errors without sending a reply."""
