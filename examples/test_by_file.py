@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from qmmm_driver.evaluator import load
-from qmmm_driver.structures import write_atomically
+from qmmm_driver.files import write_atomically
 from qmmm_driver.training.data import split_frames
 from qmmm_driver.training.metrics import evaluate_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR

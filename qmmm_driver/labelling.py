@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from .boundary import link_positions
-from .structures import QMMMStructure, complete_frames, read_structures, write_atomically, write_structures
+from .files import write_atomically
+from .structures import QMMMStructure, complete_frames, read_structures, write_structures
 
 
 class LabelError(RuntimeError):

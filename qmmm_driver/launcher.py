@@ -234,7 +234,7 @@ def keep_checkpoints(run_dir: Path, specs: list[OutputSpec], seen: dict) -> None
     an i-PI killed meanwhile leaves an empty or cut file and no other. The copy
     made here, atomically, is what a restart falls back on.
     """
-    from .structures import write_atomically
+    from .files import write_atomically
 
     for path in checkpoint_files(run_dir, specs):
         try:

@@ -19,7 +19,7 @@ def _pyplot():
 
 def _save(plt, fig, path: str | Path) -> Path:
     """``fig`` as a PNG at ``path``, replaced whole (a stop signal never leaves half an image), then closed."""
-    from .structures import write_atomically
+    from .files import write_atomically
 
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)

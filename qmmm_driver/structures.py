@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .files import write_atomically
 from .units import (ANGSTROM_TO_BOHR, BOHR, E_BOHR_TO_E_ANGSTROM, EV_PER_A_TO_HARTREE_PER_BOHR, EV_TO_HARTREE,
                     HARTREE, HARTREE_PER_BOHR_TO_EV_PER_A)
 
@@ -447,29 +448,6 @@ def structures_text(structures: list[QMMMStructure], decimals: int | None = None
     ase.io.write(buf, [s.to_atoms() for s in structures], format="extxyz")
     text = buf.getvalue()
     return _round_atom_lines(text, decimals) if decimals is not None else text
-
-
-def write_atomically(path: str | Path, data: str | bytes) -> Path:
-    """Replace ``path`` by ``data``: written beside it, fsynced, renamed over it (never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    mode = "wb" if isinstance(data, bytes) else "w"
-    try:
-        with open(tmp, mode) as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:  # a full disk, Ctrl-C or SIGTERM: the old file stays, no half one beside it
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 def write_structures(path: str | Path, structures: list[QMMMStructure], append: bool = False,

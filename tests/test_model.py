@@ -307,6 +307,27 @@ def test_model_file_round_trip(tmp_path):
     assert loaded.energy_shift.dtype == torch.float64
 
 
+def test_a_model_file_is_replaced_whole(tmp_path, monkeypatch):
+    """SIGTERM (raised as an interrupt) while a new model file goes to disk: the old file stays whole and no
+    temporary is left beside it (the training run's folder must hold only what it lists)."""
+    import os
+
+    path = save_model(tiny_model(), tmp_path / "m.pt")
+    before = path.read_bytes()
+
+    def stopped(*args):
+        raise KeyboardInterrupt
+
+    for name in ("fsync", "replace"):
+        with monkeypatch.context() as patch:
+            patch.setattr(os, name, stopped)
+            with pytest.raises(KeyboardInterrupt):
+                save_model(tiny_model(seed=1), path)
+        assert path.read_bytes() == before
+        assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    load_model(path)
+
+
 def test_model_file_refusals(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a model")

@@ -137,6 +137,7 @@ def test_writing_a_file_replaces_it_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_structures(path, [QMMMStructure.from_atoms(water_cluster(n_mm=5))])
     assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.extxyz"]
     monkeypatch.undo()
 
     def stopped(*args):  # SIGTERM (raised as an interrupt) while the new text is flushed to disk

@@ -21,7 +21,7 @@ from test_by_file import split_test_frames  # noqa: E402
 
 from solute import xi_of
 from qmmm_driver.evaluator import load
-from qmmm_driver.structures import write_atomically
+from qmmm_driver.files import write_atomically
 from qmmm_driver.training.metrics import evaluate_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR, BOHR_TO_ANGSTROM
 

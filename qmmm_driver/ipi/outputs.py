@@ -169,7 +169,7 @@ def truncate_after(run_dir: Path, specs: list[OutputSpec], step: int) -> dict[st
     Returns the bytes removed per file. Outputs in formats without step markers
     that can be read back (pdb, bin, ...) are left as they are and reported with -1.
     """
-    from ..structures import write_atomically
+    from ..files import write_atomically
 
     removed = {}
     for spec in specs:

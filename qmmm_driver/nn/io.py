@@ -9,13 +9,14 @@ stored in the header and verified on loading: a corrupted file is refused.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import zipfile
 from pathlib import Path
 
 import torch
 
+from ..files import write_atomically
 from .model import QMMMModel
 from .settings import ModelSettings
 
@@ -45,18 +46,13 @@ def model_checksum(model: QMMMModel) -> str:
 
 def save_model(model: QMMMModel, path: str | Path, metadata: dict | None = None) -> Path:
     """Write ``model`` (settings, statistics, weights, checksum) and JSON-like ``metadata`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     settings = model.settings.to_dict()
     payload = {"format": FORMAT, "version": VERSION, "units": dict(UNITS), "settings": settings,
                "state_dict": state, "metadata": metadata or {}, "checksum": weights_checksum(settings, state)}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return write_atomically(path, buffer.getvalue())
 
 
 def read_model_file(path: str | Path) -> dict:

@@ -20,7 +20,8 @@ import torch
 from ..errors import InputError
 from ..nn import QMMMModel
 from ..nn.io import ModelFileError, load_model, save_model
-from ..structures import read_structures, write_atomically
+from ..files import write_atomically
+from ..structures import read_structures
 from ..units import ANGSTROM_TO_BOHR, HARTREE
 from .config import TrainConfig
 from .data import batches, elements_of, prepare, rows_in, split_indices
