@@ -234,6 +234,35 @@ def test_skipped_paths_change_nothing(env_order, n_layers):
     np.testing.assert_allclose(ours.dipole, every_path.dipole, atol=1e-11)
 
 
+@pytest.mark.parametrize("n_layers,deeper", [(1, 2), (2, 4)])
+def test_a_deepened_model_starts_equal_and_can_learn(n_layers, deeper):
+    """Blocks inserted before the last with zero output weights: energy, forces, charges and dipole are those of
+    the model it came from, and the energy has a gradient with respect to the new blocks' weights."""
+    model = tiny_model(elements=("H", "C", "O", "Cl"), n_layers=n_layers).double()
+    grown = model.deepened(deeper)
+    assert grown.settings.n_layers == len(grown.blocks) == deeper
+    atoms = sn2_cluster()
+    a, b = evaluate(model, atoms), evaluate(grown, atoms)
+    assert b.energy[0] == pytest.approx(a.energy[0], rel=1e-13)
+    np.testing.assert_allclose(b.forces, a.forces, atol=1e-12 * np.abs(a.forces).max())
+    np.testing.assert_allclose(b.qm_charges, a.qm_charges, atol=1e-13)
+    np.testing.assert_allclose(b.dipole, a.dipole, atol=1e-12)
+    from qmmm_driver.nn.multipoles import taylor_tensors
+
+    g = torch.Generator().manual_seed(0)
+    qm = torch.randn(1, 4, 3, generator=g, dtype=torch.float64) * 1.5
+    mm = torch.randn(1, 12, 3, generator=g, dtype=torch.float64) * 4.0
+    q = torch.randn(1, 12, generator=g, dtype=torch.float64) * 0.4
+    env = taylor_tensors(qm, mm, q, grown.K)
+    out = grown(torch.tensor([[1, 0, 2, 3]]), qm, env, torch.tensor([-1.0]), mm, q)
+    out["energy"].sum().backward()
+    for k in range(n_layers - 1, deeper - 1):
+        new = grown.blocks[k]
+        assert float(new.conv.weight.grad.abs().max()) > 0 and float(new.env.weight.grad.abs().max()) > 0, k
+    with pytest.raises(ValueError, match="cannot be deepened"):
+        grown.deepened(deeper - 1)
+
+
 def test_training_path_equals_the_driver(model64):
     """Training folds the far MM charges into fixed Taylor tensors (linearised in the QM positions): energies,
     QM forces and near-MM forces equal those of the driver's evaluation, frames of different sizes batched."""

@@ -223,6 +223,14 @@ init = "start.pt"
     (tmp_path / "cfg.toml").write_text(text.format(channels=6))
     with pytest.raises(InputError, match="channels: config 6, model 4"):
         Trainer(load_config(tmp_path / "cfg.toml"), progress=False)
+    # more interaction blocks than the file: the file's model, deepened, predicting exactly what it predicts
+    (tmp_path / "cfg.toml").write_text(text.format(channels=4).replace("n_layers = 1", "n_layers = 3"))
+    deeper = Trainer(load_config(tmp_path / "cfg.toml"), progress=False).model
+    assert len(deeper.blocks) == 3
+    frame = frames[0]
+    a = ModelEvaluator(start.double(), frame, dtype=torch.float64).compute(frame.positions)
+    b = ModelEvaluator(deeper.double(), frame, dtype=torch.float64).compute(frame.positions)
+    assert b.energy[0] == pytest.approx(a.energy[0], rel=1e-13) and np.allclose(b.forces, a.forces, atol=1e-12)
 
 
 def test_keep_split_keeps_earlier_frames_where_they_were(tmp_path):

@@ -90,6 +90,36 @@ class QMMMModel(torch.nn.Module):
         self.register_buffer("masses", torch.tensor(s.masses, dtype=torch.get_default_dtype()))
         self.register_buffer("env_degrees", degree_index(self.K), persistent=False)
 
+    def deepened(self, n_layers: int) -> "QMMMModel":
+        """This model with interaction blocks inserted before the last one, ``n_layers`` in all, that change
+        nothing: their output weights (tensor products, self-interaction, short-range map) are zero, so each
+        adds ``Gate(0) = 0`` to its input and the deeper model's results are exactly this one's. Training it
+        starts from this model with more capacity; the new blocks' radial networks and long-range charge maps
+        are freshly initialised (the torch seed decides them), which lets their gradients flow."""
+        import dataclasses
+
+        old = self.settings.n_layers
+        if n_layers < old:
+            raise ValueError(f"a model of {old} interaction blocks cannot be deepened to {n_layers}")
+        extra, last = n_layers - old, old - 1
+        deeper = QMMMModel(dataclasses.replace(self.settings, n_layers=n_layers)).to(self.energy_scale.device,
+                                                                                      self.energy_scale.dtype)
+        state = deeper.state_dict()
+        for key, value in self.state_dict().items():
+            head, _, rest = key.partition(".")
+            if head in ("blocks", "layer_charges"):
+                index, _, rest = rest.partition(".")
+                key = f"{head}.{int(index) + extra if int(index) >= last else int(index)}.{rest}"
+            state[key] = value.clone()
+        silent = ("conv.weight", "env.weight", "self_linear.", "short_linear.")
+        for k in range(last, last + extra):
+            for key in state:
+                if key.startswith(f"blocks.{k}.") and any(part in key for part in silent):
+                    state[key] = torch.zeros_like(state[key])
+        deeper.load_state_dict(state)
+        deeper.metadata = dict(getattr(self, "metadata", {}))
+        return deeper
+
     def _apply(self, fn, *args, **kwargs):
         # casts (model.float()) must not truncate the float64 reference energies
         shift = self._buffers["energy_shift"]

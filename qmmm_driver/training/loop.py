@@ -156,6 +156,14 @@ class Trainer:
             raise InputError(f"[training] init: {err}") from err
         mine, theirs = self.settings.to_dict(), model.settings.to_dict()
         differ = {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]}
+        if list(differ) == ["n_layers"] and mine["n_layers"] > theirs["n_layers"]:
+            from tqdm import tqdm
+
+            model = model.deepened(mine["n_layers"])
+            tqdm.write(f"[training] init: {path} has {theirs['n_layers']} interaction blocks, [model] asks for "
+                       f"{mine['n_layers']}: the new blocks go before the last with zero output weights, so "
+                       f"training starts from exactly that model")
+            differ = {}
         if differ:
             detail = "; ".join(f"{k}: config {a!r}, model {b!r}" for k, (a, b) in differ.items())
             raise InputError(f"[training] init: {path} was trained with other model settings ({detail}); give "
