@@ -28,9 +28,10 @@ def test_a_plain_install_runs_the_shipped_main_job(tmp_path):
     assert where.startswith(str(venv)), where
     env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([str(venv / "bin" / "qmmm-driver"), "launch", "md-nvt", "--example", "water",
-                          "--total-steps", "3", "--run-dir", "run", "--no-progress"], cwd=work, env=env,
+                          "--total-steps", "10", "--run-dir", "run", "--no-progress"], cwd=work, env=env,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     steps = [line.split()[0] for line in (work / "run" / "simulation.out").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
-    assert [int(float(s)) for s in steps] == [0, 1, 2, 3]
+    assert [int(float(s)) for s in steps] == [0, 10]  # the template writes properties every 10 steps
+    assert "<step>10</step>" in (work / "run" / "RESTART").read_text()
