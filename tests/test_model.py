@@ -211,6 +211,15 @@ def test_batch_equals_one_by_one(model64):
         assert np.allclose(single.dipole[0], batch.dipole[b], atol=1e-10)
 
 
+def assert_same_results(ours, reference, tol: float) -> None:
+    """Energy (relative ``tol``), forces (``tol`` of the largest), QM charges (``tol`` e) and dipole (10 ``tol``)
+    of one frame equal."""
+    assert ours.energy[0] == pytest.approx(reference.energy[0], rel=tol)
+    np.testing.assert_allclose(ours.forces, reference.forces, atol=tol * np.abs(reference.forces).max())
+    np.testing.assert_allclose(ours.qm_charges, reference.qm_charges, atol=tol)
+    np.testing.assert_allclose(ours.dipole, reference.dipole, atol=10 * tol)
+
+
 @pytest.mark.parametrize("env_order,n_layers", [(0, 2), (1, 3), (3, 1), (3, 3)])
 def test_skipped_paths_change_nothing(env_order, n_layers):
     """The first block skips the paths from feature degrees > 0 (zero there), the last computes only the degrees
@@ -227,11 +236,7 @@ def test_skipped_paths_change_nothing(env_order, n_layers):
     assert model.blocks[0].conv.cg_used.shape[2] < full.blocks[0].conv.cg_used.shape[2] == full.blocks[0].conv.cg.shape[2]
     assert model.blocks[-1].env.cg_used.shape[2] < full.blocks[-1].env.cg_used.shape[2]
     atoms = sn2_cluster()
-    ours, every_path = evaluate(model, atoms), evaluate(full, atoms)
-    assert ours.energy[0] == pytest.approx(every_path.energy[0], rel=1e-12)
-    np.testing.assert_allclose(ours.forces, every_path.forces, atol=1e-12 * np.abs(every_path.forces).max())
-    np.testing.assert_allclose(ours.qm_charges, every_path.qm_charges, atol=1e-12)
-    np.testing.assert_allclose(ours.dipole, every_path.dipole, atol=1e-11)
+    assert_same_results(evaluate(model, atoms), evaluate(full, atoms), 1e-12)
 
 
 @pytest.mark.parametrize("n_layers,deeper", [(1, 2), (2, 4)])
@@ -242,11 +247,7 @@ def test_a_deepened_model_starts_equal_and_can_learn(n_layers, deeper):
     grown = model.deepened(deeper)
     assert grown.settings.n_layers == len(grown.blocks) == deeper
     atoms = sn2_cluster()
-    a, b = evaluate(model, atoms), evaluate(grown, atoms)
-    assert b.energy[0] == pytest.approx(a.energy[0], rel=1e-13)
-    np.testing.assert_allclose(b.forces, a.forces, atol=1e-12 * np.abs(a.forces).max())
-    np.testing.assert_allclose(b.qm_charges, a.qm_charges, atol=1e-13)
-    np.testing.assert_allclose(b.dipole, a.dipole, atol=1e-12)
+    assert_same_results(evaluate(grown, atoms), evaluate(model, atoms), 1e-13)
     from qmmm_driver.nn.multipoles import taylor_tensors
 
     g = torch.Generator().manual_seed(0)
