@@ -9,6 +9,7 @@ directly as short-range neighbours.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -96,8 +97,6 @@ class QMMMModel(torch.nn.Module):
         adds ``Gate(0) = 0`` to its input and the deeper model's results are exactly this one's. Training it
         starts from this model with more capacity; the new blocks' radial networks and long-range charge maps
         are freshly initialised (the torch seed decides them), which lets their gradients flow."""
-        import dataclasses
-
         old = self.settings.n_layers
         if n_layers < old:
             raise ValueError(f"a model of {old} interaction blocks cannot be deepened to {n_layers}")
