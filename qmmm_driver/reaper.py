@@ -24,6 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+# imported when the watchdog starts, not when it acts: by then the installed files may be gone or replaced (an
+# upgrade or a removed environment while the run goes on), and a failed import would leave i-PI running
+from .ipi.shm import remove_segments
+
 #: what a worker gets, after i-PI is gone, before SIGTERM and again before SIGKILL (s)
 WORKER_GRACE_S = 10.0
 #: i-PI's grace period for a soft exit when the watchdog stops a run (s)
@@ -74,8 +78,6 @@ def _end(proc, grace: float) -> None:
 
 def stop(ipi, workers: list, sockets: list[Path], grace: float) -> None:
     """Stop i-PI softly (``grace`` s), then ``workers``; remove ``sockets`` and i-PI's shared memory."""
-    from .ipi.shm import remove_segments
-
     if ipi is not None and ipi.poll() is None:
         kill_session(ipi, signal.SIGTERM)
         try:

@@ -19,3 +19,10 @@ def test_the_model_package_imports_nothing_from_the_rest_of_qmmm_driver():
 def test_the_command_line_starts_without_torch():
     code = "import sys\nfrom qmmm_driver.cli import build_parser\nbuild_parser()\nprint('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_the_launch_watchdog_has_loaded_what_it_needs_before_it_acts():
+    """The watchdog imports everything its clean-up uses when it starts (the installed files may be gone when the
+    launcher dies: a failed import then would leave i-PI running)."""
+    code = "import sys\nimport qmmm_driver.reaper\nprint('qmmm_driver.ipi.shm' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
