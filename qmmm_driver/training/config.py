@@ -37,13 +37,14 @@
     min_lr = 1e-5
     patience = 40                            # early stopping
     ema_decay = 0.99                         # exponential moving average of weights (with warm-up)
-    max_minutes = 60                         # wall-clock budget
+    max_minutes = 60                         # wall-clock budget of the whole run (--resume included)
     threads = 0                              # CPU threads (0: torch's default)
     device = "auto"                          # auto, cpu, cuda, cuda:N
     dtype = "float32"
     seed = 0
     init = ""                                # optional: start from this model file's weights and statistics
-                                             # (fine-tuning on new data; its settings must equal [model]'s)
+                                             # (fine-tuning on new data; its settings must equal [model]'s, but
+                                             # for a larger n_layers, which deepens it: QMMMModel.deepened)
 
     [stage2]                                 # optional: a second stage, e.g. energy-weighted fine tuning
     start_epoch = 100                        # from this epoch on, these loss weights and learning rate
