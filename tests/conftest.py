@@ -28,12 +28,14 @@ torch.set_num_threads(1)
 # i-pi, mpiexec and qmmm-driver are console scripts installed beside this python
 os.environ["PATH"] = sysconfig.get_path("scripts") + os.pathsep + os.environ.get("PATH", "")
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def load_example(relative: str):
     """An example script (``relative`` to the repository, e.g. ``examples/sn2/free_energy.py``) as a module."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / relative
+    path = REPO / relative
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

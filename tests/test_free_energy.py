@@ -1,9 +1,12 @@
 """examples/sn2/free_energy.py: MBAR recovers a known free-energy profile from umbrella samples, with error bars
 that cover the truth."""
 
+import subprocess
+import sys
+
 import numpy as np
 
-from conftest import load_example
+from conftest import REPO, load_example
 
 
 def test_mbar_recovers_a_known_double_well():
@@ -27,3 +30,17 @@ def test_mbar_recovers_a_known_double_well():
     assert np.all(independent < 2000) and np.all(independent > 500)  # the repeated pairs were seen as correlated
     assert np.abs((free - free[inner].min() - exact)[inner]).max() < 0.01  # eV
     assert 0 < np.median(err[inner]) < 0.01
+
+
+def test_an_earlier_run_is_refused_before_minutes_of_equilibration(tmp_path):
+    """The launcher refuses a run directory with an earlier run's outputs; the script says so at once, not after
+    equilibrating every window, and leaves that run as it was."""
+    earlier = tmp_path / "ipi"
+    earlier.mkdir()
+    (earlier / "simulation.out").write_text("# an earlier run\n")
+    res = subprocess.run([sys.executable, str(REPO / "examples/sn2/free_energy.py"), "--runs", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert str(earlier) in res.stderr and "--analyse-only" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ipi"]  # no window was started
+    assert (earlier / "simulation.out").read_text() == "# an earlier run\n"
