@@ -181,10 +181,10 @@ def main() -> None:
     start, stop, count = args.windows.split(":")
     xis = np.linspace(float(start), float(stop), int(count))
     run_dir = args.runs / "ipi"
-    if not args.analyse_only and run_dir.is_dir() and any(run_dir.iterdir()):
-        p.error(f"{run_dir} holds an earlier umbrella run: analyse it with --analyse-only, or give --runs a new "
-                "folder (nothing was equilibrated)")
     if not args.analyse_only:
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            p.error(f"{run_dir} holds an earlier umbrella run: analyse it with --analyse-only, or give --runs a "
+                    "new folder (nothing was equilibrated)")
         starts = window_starts(xis, args.runs / "starts", args.equilibrate, seed=5)
         xml = args.runs / "umbrella.xml"
         xml.write_text(ipi_input(xis, starts, args.k, args.k_wall, args.k_bond, args.bond, args.steps,
