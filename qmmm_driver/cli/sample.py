@@ -4,7 +4,7 @@ The QM region is a water (``--solute water``, the default) or a solute from a
 PDB file with its force field (``--solute X.pdb --solute-forcefield X.xml
 --qm-charge Q``), all of it or the atoms ``--qm`` selects (bonds the selection
 cuts get link atoms, :mod:`qmmm_driver.boundary`), solvated in water (TIP3P),
-methanol, acetonitrile or acetone (OPLS-AA), optionally next to one ion held at
+methanol, acetonitrile, acetone or DMSO (OPLS-AA), optionally next to one ion held at
 a distance range from the nearest QM atom,
 optionally with charge noise (field augmentation).
 """
@@ -27,7 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output frames (extended XYZ, appended)")
     parser.add_argument("--frames", type=int, required=True, help="number of frames")
     parser.add_argument("--solvent", default="water",
-                        help="water (TIP3P), methanol, acetonitrile or acetone (OPLS-AA)")
+                        help="water (TIP3P), methanol, acetonitrile, acetone or dmso (OPLS-AA)")
     parser.add_argument("--ion", default=None,
                         help="add one MM ion of amber14's set: Li+, Na+, K+, Rb+, Cs+, Mg2+, Ca2+, Zn2+, Sr2+, Ba2+, "
                              "F-, Cl-, Br-")

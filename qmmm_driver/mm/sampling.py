@@ -33,7 +33,7 @@ from .systems import min_image_distances
 HOLD_K = 50000.0          # kJ/mol/nm^2: about 0.07 A thermal spread per coordinate at 300 K
 DISTANCE_WALL_K = 1000.0  # kJ/mol/A^2: flat-bottom distance walls (ions, acceptors)
 SOLVENT_LABELS = {"water": "TIP3P (amber14)", "methanol": "OPLS-AA methanol", "acetonitrile": "OPLS-AA acetonitrile",
-                  "acetone": "OPLS-AA acetone"}
+                  "acetone": "OPLS-AA acetone", "dmso": "OPLS-AA DMSO"}
 
 
 def distance_wall(atom: int, targets: list[int], lo_A: float, hi_A: float):

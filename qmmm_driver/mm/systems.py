@@ -4,7 +4,7 @@ A :class:`Solute` is the molecule(s) holding the QM region, as an OpenMM
 topology with its force-field files (the Lennard-Jones that its MM neighbours
 feel; the QM atoms' charges matter only in MM sampling); its QM atoms are all
 of it or a part (a side chain: cut bonds get link atoms). :func:`build_setup` solvates it in a cubic box of
-water (TIP3P), methanol, acetonitrile or acetone (OPLS-AA, ``qmmm_driver/data/*.xml``),
+water (TIP3P), methanol, acetonitrile, acetone or DMSO (OPLS-AA, ``qmmm_driver/data/*.xml``),
 optionally with one ion of amber14's set. The resulting :class:`MMSetup` gives
 the OpenMM ``System`` (for sampling and for the MM worker), the
 :class:`~qmmm_driver.structures.QMMMStructure` the driver uses (MM charges from
@@ -75,6 +75,18 @@ def _acetone_atoms():
             ("C2", "C", *c2), *((f"H2{k + 1}", "H", *h) for k, h in enumerate(h2)))
 
 
+def _dmso_atoms():
+    s, o = np.zeros(3), np.array([0.0, 0.0, 1.53])
+    # pyramidal sulfur: O=S-C 107 degrees, C-S-C 96 degrees, the carbons symmetric about the xz plane
+    half, cos_osc = np.radians(48.0), np.cos(np.radians(107.0))
+    z = cos_osc
+    x = np.sqrt(1.0 - z * z - np.sin(half) ** 2)
+    c1, c2 = 1.79 * np.array([x, np.sin(half), z]), 1.79 * np.array([x, -np.sin(half), z])
+    h1, h2 = _tetrahedral_h(c1, c1, 1.09, 70.5), _tetrahedral_h(c2, c2, 1.09, 70.5)
+    return (("S", "S", *s), ("O", "O", *o), ("C1", "C", *c1), *((f"H1{k + 1}", "H", *h) for k, h in enumerate(h1)),
+            ("C2", "C", *c2), *((f"H2{k + 1}", "H", *h) for k, h in enumerate(h2)))
+
+
 #: Solvents of ``qmmm-driver sample --solvent``: densities at 298 K (g/cm^3 -> molecules/A^3).
 SOLVENTS = {
     "water": Solvent("water", "HOH", None, 0.997 * 0.6022 / 18.015, ()),
@@ -83,6 +95,7 @@ SOLVENTS = {
     "acetonitrile": Solvent("acetonitrile", "ACN", str(DATA / "acetonitrile.xml"), 0.777 * 0.6022 / 41.053,
                             _acetonitrile_atoms()),
     "acetone": Solvent("acetone", "DMK", str(DATA / "acetone.xml"), 0.784 * 0.6022 / 58.080, _acetone_atoms()),
+    "dmso": Solvent("dmso", "DMS", str(DATA / "dmso.xml"), 1.100 * 0.6022 / 78.133, _dmso_atoms()),
 }
 
 #: Ions of ``qmmm-driver sample --ion``: residue/atom name in amber14/tip3p.xml, element, charge (e).
