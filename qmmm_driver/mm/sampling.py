@@ -28,12 +28,10 @@ import numpy as np
 
 from ..structures import QMMMStructure
 from ..units import ANGSTROM_TO_BOHR
-from .systems import min_image_distances
+from .systems import SOLVENTS, min_image_distances
 
 HOLD_K = 50000.0          # kJ/mol/nm^2: about 0.07 A thermal spread per coordinate at 300 K
 DISTANCE_WALL_K = 1000.0  # kJ/mol/A^2: flat-bottom distance walls (ions, acceptors)
-SOLVENT_LABELS = {"water": "TIP3P (amber14)", "methanol": "OPLS-AA methanol", "acetonitrile": "OPLS-AA acetonitrile",
-                  "acetone": "OPLS-AA acetone", "dmso": "OPLS-AA DMSO"}
 
 
 def distance_wall(atom: int, targets: list[int], lo_A: float, hi_A: float):
@@ -172,7 +170,7 @@ class Sampler:
         if charge_noise > 0.0:
             scale = lambda n_groups: 1.0 + charge_noise * self.rng.normal(size=n_groups)  # noqa: E731
         info = dict(info, temperature=self.temperature,
-                    sampler=f"OpenMM flexible {SOLVENT_LABELS[self.setup.solvent]}, PME, Langevin")
+                    sampler=f"OpenMM flexible {SOLVENTS[self.setup.solvent].label}, PME, Langevin")
         frame = self.embedding.cluster(np.asarray(pos), self.structure.cell, shift, scale, info)
         frame.source = "sampler"
         return frame

@@ -32,6 +32,7 @@ class Solvent:
     """A liquid the QM region can be sampled in: residue, force field, number density and one molecule."""
 
     name: str
+    label: str                    # how frames name its force field ("sampler" info key)
     residue: str
     forcefield: str | None        # added to amber14/tip3p.xml (None: water itself)
     per_A3: float                 # molecules per cubic Angstrom at 300 K
@@ -66,36 +67,40 @@ def _acetonitrile_atoms():
             ("N", "N", *n))
 
 
+def _two_methyls(c1, c2):
+    """Atoms C1, H11-H13, C2, H21-H23 of two methyl groups on a centre at the origin (H at 109.5 degrees from it)."""
+    atoms = []
+    for k, c in ((1, c1), (2, c2)):
+        atoms.append((f"C{k}", "C", *c))
+        atoms += [(f"H{k}{j + 1}", "H", *h) for j, h in enumerate(_tetrahedral_h(c, c, 1.09, 70.5))]
+    return tuple(atoms)
+
+
 def _acetone_atoms():
     c, o = np.zeros(3), np.array([0.0, 0.0, 1.229])
     t = np.radians(121.8)  # O=C-CH3; CH3-C-CH3 116.4
     c1, c2 = 1.522 * np.array([np.sin(t), 0.0, np.cos(t)]), 1.522 * np.array([-np.sin(t), 0.0, np.cos(t)])
-    h1, h2 = _tetrahedral_h(c1, c1, 1.09, 70.5), _tetrahedral_h(c2, c2, 1.09, 70.5)
-    return (("C", "C", *c), ("O", "O", *o), ("C1", "C", *c1), *((f"H1{k + 1}", "H", *h) for k, h in enumerate(h1)),
-            ("C2", "C", *c2), *((f"H2{k + 1}", "H", *h) for k, h in enumerate(h2)))
+    return (("C", "C", *c), ("O", "O", *o), *_two_methyls(c1, c2))
 
 
 def _dmso_atoms():
     s, o = np.zeros(3), np.array([0.0, 0.0, 1.53])
     # pyramidal sulfur: O=S-C 107 degrees, C-S-C 96 degrees, the carbons symmetric about the xz plane
-    half, cos_osc = np.radians(48.0), np.cos(np.radians(107.0))
-    z = cos_osc
-    x = np.sqrt(1.0 - z * z - np.sin(half) ** 2)
-    c1, c2 = 1.79 * np.array([x, np.sin(half), z]), 1.79 * np.array([x, -np.sin(half), z])
-    h1, h2 = _tetrahedral_h(c1, c1, 1.09, 70.5), _tetrahedral_h(c2, c2, 1.09, 70.5)
-    return (("S", "S", *s), ("O", "O", *o), ("C1", "C", *c1), *((f"H1{k + 1}", "H", *h) for k, h in enumerate(h1)),
-            ("C2", "C", *c2), *((f"H2{k + 1}", "H", *h) for k, h in enumerate(h2)))
+    z, y = np.cos(np.radians(107.0)), np.sin(np.radians(48.0))
+    x = np.sqrt(1.0 - z * z - y * y)
+    return (("S", "S", *s), ("O", "O", *o), *_two_methyls(1.79 * np.array([x, y, z]), 1.79 * np.array([x, -y, z])))
 
 
 #: Solvents of ``qmmm-driver sample --solvent``: densities at 298 K (g/cm^3 -> molecules/A^3).
 SOLVENTS = {
-    "water": Solvent("water", "HOH", None, 0.997 * 0.6022 / 18.015, ()),
-    "methanol": Solvent("methanol", "MOH", str(DATA / "methanol.xml"), 0.787 * 0.6022 / 32.042,
+    "water": Solvent("water", "TIP3P (amber14)", "HOH", None, 0.997 * 0.6022 / 18.015, ()),
+    "methanol": Solvent("methanol", "OPLS-AA methanol", "MOH", str(DATA / "methanol.xml"), 0.787 * 0.6022 / 32.042,
                         _methanol_atoms()),
-    "acetonitrile": Solvent("acetonitrile", "ACN", str(DATA / "acetonitrile.xml"), 0.777 * 0.6022 / 41.053,
-                            _acetonitrile_atoms()),
-    "acetone": Solvent("acetone", "DMK", str(DATA / "acetone.xml"), 0.784 * 0.6022 / 58.080, _acetone_atoms()),
-    "dmso": Solvent("dmso", "DMS", str(DATA / "dmso.xml"), 1.100 * 0.6022 / 78.133, _dmso_atoms()),
+    "acetonitrile": Solvent("acetonitrile", "OPLS-AA acetonitrile", "ACN", str(DATA / "acetonitrile.xml"),
+                            0.777 * 0.6022 / 41.053, _acetonitrile_atoms()),
+    "acetone": Solvent("acetone", "OPLS-AA acetone", "DMK", str(DATA / "acetone.xml"), 0.784 * 0.6022 / 58.080,
+                       _acetone_atoms()),
+    "dmso": Solvent("dmso", "OPLS-AA DMSO", "DMS", str(DATA / "dmso.xml"), 1.100 * 0.6022 / 78.133, _dmso_atoms()),
 }
 
 #: Ions of ``qmmm-driver sample --ion``: residue/atom name in amber14/tip3p.xml, element, charge (e).
