@@ -431,7 +431,7 @@ def start_mm_worker(procs: Procs, args, log: str = "mm_worker.log"):
 
 def sn2_solute():
     """The SN2 example's solute (Cl- + CH3Cl, examples/sn2/solute.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "sn2"))
+    sys.path.insert(0, str(REPO / "examples" / "sn2"))
     import solute
 
     return solute.solute()
@@ -439,7 +439,7 @@ def sn2_solute():
 
 def serine_peptide():
     """The serine example's capped dipeptide ACE-SER-NME (examples/serine/peptide.py): (modeller, QM indices)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "serine"))
+    sys.path.insert(0, str(REPO / "examples" / "serine"))
     import peptide
 
     modeller = peptide.peptide()

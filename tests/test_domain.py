@@ -7,7 +7,6 @@ import socket
 import subprocess
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from qmmm_driver.nn.io import save_model
 from qmmm_driver.structures import QMMMStructure, read_structures
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
-from conftest import IPI_PREFIX, WORKER_CMD, tiny_model, water_cluster, write_frame
+from conftest import IPI_PREFIX, REPO, WORKER_CMD, tiny_model, water_cluster, write_frame
 
 ELEMENTS = ["H", "O"]
 
@@ -145,7 +144,7 @@ def test_evaluate_counts_the_frames_outside_the_domain_once_each():
     from qmmm_driver.training.metrics import evaluate_structures
 
     model = load(MODELS / "water" / "model.pt")
-    frames = read_structures(Path(__file__).parents[1] / "examples/water/data/water_stretched_oh.extxyz.xz",
+    frames = read_structures(REPO / "examples/water/data/water_stretched_oh.extxyz.xz",
                              index=":8")
     largest = model.metadata["statistics"]["domain"]["nearest"]["H-O"][1]
     beyond = [max(np.linalg.norm(f.positions[f.qm_indices[1:]] - f.positions[f.qm_indices[0]], axis=1)) - largest

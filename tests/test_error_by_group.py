@@ -2,15 +2,14 @@
 
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
 from qmmm_driver.launcher import MODELS
 
-from conftest import load_example
+from conftest import REPO, load_example
 
-DATA = Path(__file__).resolve().parents[1] / "examples" / "water" / "data" / "water_acetonitrile2.extxyz.xz"
+DATA = REPO / "examples" / "water" / "data" / "water_acetonitrile2.extxyz.xz"
 
 
 def test_groups_are_the_trajectories_and_add_up(monkeypatch, capsys):

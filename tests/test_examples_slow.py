@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import read_ipi_properties
+from conftest import REPO, read_ipi_properties
 from qmmm_driver.launcher import MODELS, TEMPLATES
 from qmmm_driver.nn.io import load_model
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 

@@ -4,13 +4,12 @@ are package data. Slow: it builds and installs the package."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 
 
 def test_a_plain_install_runs_the_shipped_main_job(tmp_path):

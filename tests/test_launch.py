@@ -15,6 +15,7 @@ import pytest
 
 from conftest import SMALL_MM_ARGS, read_ipi_properties
 
+from qmmm_driver.ipi.outputs import checkpoint_step
 from qmmm_driver.ipi.shm import NAME_PREFIX, SHM_DIR
 from qmmm_driver.launcher import TEMPLATES, auto_batch
 
@@ -207,6 +208,14 @@ def test_restart_after_ipi_died_continues_from_the_periodic_checkpoint(tmp_path,
     proc = start([short_input(tmp_path, "md-nvt.xml", 100000, checkpoint_stride=4), "--example", example,
                   "--run-dir", run_dir, "--no-progress"])
     wait_for_steps(run_dir, 11, proc)
+    # i-PI writes its checkpoint at step 0 too, and a kill while it serialises leaves an empty file: the launcher's
+    # copy (polled every 0.5 s) is then the restart point, and with this test's fast steps a whole stride can pass
+    # between two polls, so wait until the copy has seen a checkpoint past the start
+    kept = run_dir / "simulation.chk.complete"
+    deadline = time.time() + 60
+    while not (kept.is_file() and (checkpoint_step(kept) or 0) >= 4):
+        assert time.time() < deadline and proc.poll() is None, "the launcher kept no checkpoint past step 0"
+        time.sleep(0.1)
     ipi = subprocess.run(["pgrep", "-f", "i-pi input.xml"], capture_output=True, text=True).stdout.split()
     for pid in ipi:
         if str(run_dir) in Path(f"/proc/{pid}/cwd").resolve().as_posix():
@@ -220,8 +229,8 @@ def test_restart_after_ipi_died_continues_from_the_periodic_checkpoint(tmp_path,
     assert res.returncode == 0, res.stderr[-3000:]
     # i-PI's periodic checkpoint, or the launcher's verified copy of it where the kill tore i-PI's file
     chk = int(re.search(r"from simulation\.chk(?:\.complete)? at step (\d+)", res.stderr).group(1))
-    # >= 4, not the step-8 one the run had passed: the kill can tear i-PI's file while the launcher's copy
-    # (made every 0.5 s) is still the one before
+    # >= 4, not necessarily the newest one the run had passed: the kill can tear i-PI's file while the launcher's
+    # copy is still one before
     assert chk % 4 == 0 and 4 <= chk <= total - 5
     assert re.search(rf"\b{chk}/{total}\b", res.stderr)  # the progress bar starts where the run left off
     assert steps_done(run_dir) == list(range(total + 1))

@@ -2,7 +2,6 @@
 model the same energy as the system itself, link atoms and redistributed charges included; charge noise keeps
 every molecule's charge scaled as a whole."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +10,9 @@ import torch
 from qmmm_driver import ModelEvaluator
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
-from conftest import tiny_model
+from conftest import REPO, tiny_model
 
-PEPTIDE = Path(__file__).resolve().parents[1] / "examples" / "serine" / "dipeptide.pdb"
+PEPTIDE = REPO / "examples" / "serine" / "dipeptide.pdb"
 
 
 @pytest.fixture(scope="module")

@@ -86,11 +86,10 @@ def test_bad_atoms_are_refused():
 def test_umbrella_biases_an_ipi_run(procs, tmp_path, small_box, small_model_file):
     """An i-PI run with the model, OpenMM and an umbrella <ffdirect> bias on d(O-H1) - d(O-H2)
     of the QM water: i-PI's ensemble_bias equals k/2 (xi - xi0)^2 of the recorded positions."""
-    from pathlib import Path
 
-    from conftest import SMALL_MM_ARGS, read_ipi_properties, start_mm_worker
+    from conftest import REPO, SMALL_MM_ARGS, read_ipi_properties, start_mm_worker
 
-    umbrella = Path(__file__).resolve().parents[1] / "qmmm_driver" / "ipi" / "umbrella.py"
+    umbrella = REPO / "qmmm_driver" / "ipi" / "umbrella.py"
     for name, target in (("system.extxyz", small_box["extxyz"]), ("system.pdb", small_box["pdb"]),
                          ("model.pt", small_model_file)):
         (tmp_path / name).symlink_to(target)
