@@ -48,25 +48,14 @@ FAULTS = ("kill-model-worker", "kill-mm-worker", "kill-ipi", "kill-launcher", "s
 
 def make_example(work: Path) -> Path:
     """A 100-water periodic box with a QM water, an untrained model whose cutoff fits it, and example.toml."""
-    import openmm
     import torch
-    from openmm import unit
 
-    from qmmm_driver.mm.forcefield import create_system
     from qmmm_driver.mm.systems import build_setup, water_solute
     from qmmm_driver.nn import ModelSettings, QMMMModel
     from qmmm_driver.nn.io import save_model
     from qmmm_driver.units import ANGSTROM_TO_BOHR
 
-    setup = build_setup(water_solute(), box_A=15.0, seed=0)
-    system = create_system(setup.topology, setup.forcefield_files, periodic=True, cutoff_A=7.0, switch_A=None)
-    for i in setup.qm_indices:
-        system.setParticleMass(int(i), 0.0)
-    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"),
-                         {"Threads": "1"})
-    ctx.setPositions(setup.positions * unit.nanometer)
-    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 300)
-    setup.positions = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    setup = build_setup(water_solute(), box_A=15.0, seed=0).relaxed(cutoff_A=7.0)
     example = work / "example"
     setup.write(example)
     torch.manual_seed(0)

@@ -448,27 +448,10 @@ def serine_peptide():
 
 def minimized_setup(box_A: float = SMALL_BOX_A, seed: int = 0, cutoff_nm: float = 0.7, solute=None):
     """A QM solute (default: a water) in a box of water (qmmm_driver.mm.systems) with its solvent overlaps removed
-    (OpenMM minimisation).
-
-    The QM atoms are held fixed: their internal terms are the model's, not the force field's.
-    """
-    import openmm
-    from openmm import unit
-
-    from qmmm_driver.mm.forcefield import create_system
+    (``MMSetup.relaxed``: OpenMM minimisation, the QM atoms held fixed)."""
     from qmmm_driver.mm.systems import build_setup, water_solute
 
-    setup = build_setup(solute or water_solute(), box_A=box_A, seed=seed)
-    system = create_system(setup.topology, setup.forcefield_files, periodic=True, cutoff_A=cutoff_nm * 10.0,
-                           switch_A=None)
-    for i in setup.qm_indices:  # the QM region stays as built (massless particles do not move)
-        system.setParticleMass(int(i), 0.0)
-    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"),
-                         {"Threads": "1"})
-    ctx.setPositions(setup.positions * unit.nanometer)
-    openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 300)
-    setup.positions = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-    return setup
+    return build_setup(solute or water_solute(), box_A=box_A, seed=seed).relaxed(cutoff_A=cutoff_nm * 10.0)
 
 
 @pytest.fixture(scope="session")

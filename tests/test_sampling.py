@@ -99,3 +99,26 @@ def test_sampler_starts_at_thermal_speeds_after_minimisation():
     assert np.linalg.norm(v, axis=1).max() < 15.0  # 300 K hydrogen: 1.6 nm/ps per component
     sampler.run(0.05)
     assert np.isfinite(sampler.positions_A()).all()
+
+
+def test_relaxed_setup_lowers_the_energy_and_keeps_the_qm_atoms():
+    import openmm
+    from openmm import unit
+
+    from qmmm_driver.mm.forcefield import create_system
+    from qmmm_driver.mm.systems import build_setup, water_solute
+
+    setup = build_setup(water_solute(), box_A=15.0, seed=3)
+    relaxed = setup.relaxed(cutoff_A=7.0)
+
+    def energy(s):
+        system = create_system(s.topology, s.forcefield_files, periodic=True, cutoff_A=7.0, switch_A=None)
+        ctx = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                             openmm.Platform.getPlatformByName("Reference"))
+        ctx.setPositions(s.positions * unit.nanometer)
+        return ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+    np.testing.assert_array_equal(relaxed.positions[setup.qm_indices], setup.positions[setup.qm_indices])
+    assert np.abs(relaxed.positions - setup.positions).max() > 1e-3  # the solvent moved (nm)
+    assert energy(relaxed) < energy(setup) - 100.0
+    assert relaxed.positions is not setup.positions and relaxed.topology is setup.topology

@@ -204,6 +204,24 @@ class MMSetup:
         """Flexible (no constraints) OpenMM System with PME electrostatics."""
         return create_system(self.topology, self.forcefield_files, periodic=True)
 
+    def relaxed(self, cutoff_A: float = 7.0, iterations: int = 300) -> "MMSetup":
+        """A copy with the packing overlaps removed by OpenMM's minimiser (one CPU thread, PME with a ``cutoff_A``
+        real-space cutoff); the QM atoms stay where they are, since their internal terms are the model's."""
+        import dataclasses
+
+        import openmm
+        from openmm import unit
+
+        system = create_system(self.topology, self.forcefield_files, periodic=True, cutoff_A=cutoff_A, switch_A=None)
+        for i in self.qm_indices:  # massless particles do not move
+            system.setParticleMass(int(i), 0.0)
+        ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"),
+                             {"Threads": "1"})
+        ctx.setPositions(self.positions * unit.nanometer)
+        openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, iterations)
+        positions = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        return dataclasses.replace(self, positions=np.asarray(positions))
+
     def box_nm(self) -> np.ndarray:
         from openmm import unit
 
