@@ -60,7 +60,7 @@ def test_charge_noise_scales_molecules_as_a_whole(serine_sampler):
     assert np.abs(noisy.mm_charge[rows[neutral]].sum(axis=1)).max() < 1e-9  # a neutral molecule stays neutral
 
 
-@pytest.mark.parametrize("name", ["methanol", "acetonitrile", "acetone", "dmso"])
+@pytest.mark.parametrize("name", ["methanol", "acetonitrile", "acetone", "dmso", "nitromethane"])
 def test_solvent_molecule_matches_its_force_field(name):
     """The packed molecule is the force field's: neutral, its bonds at the force field's lengths (a typo in a
     template or an XML file shows here, not as a blown-up sampling run)."""

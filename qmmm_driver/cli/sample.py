@@ -27,7 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output frames (extended XYZ, appended)")
     parser.add_argument("--frames", type=int, required=True, help="number of frames")
     parser.add_argument("--solvent", default="water",
-                        help="water (TIP3P), methanol, acetonitrile, acetone or dmso (OPLS-AA)")
+                        help="water (TIP3P), methanol, acetonitrile, acetone, dmso or nitromethane (OPLS-AA)")
     parser.add_argument("--ion", default=None,
                         help="add one MM ion of amber14's set: Li+, Na+, K+, Rb+, Cs+, Mg2+, Ca2+, Zn2+, Sr2+, Ba2+, "
                              "F-, Cl-, Br-")

@@ -91,6 +91,15 @@ def _dmso_atoms():
     return (("S", "S", *s), ("O", "O", *o), *_two_methyls(1.79 * np.array([x, y, z]), 1.79 * np.array([x, -y, z])))
 
 
+def _nitromethane_atoms():
+    n, c = np.zeros(3), np.array([0.0, 0.0, -1.49])
+    t = np.radians(180.0 - 117.5)  # C-N-O 117.5 degrees, O-N-O 125, planar
+    o1, o2 = 1.225 * np.array([np.sin(t), 0.0, np.cos(t)]), 1.225 * np.array([-np.sin(t), 0.0, np.cos(t)])
+    h = _tetrahedral_h(c, c, 1.09, 75.0)  # H-C-N 105 degrees
+    return (("N", "N", *n), ("O1", "O", *o1), ("O2", "O", *o2), ("C", "C", *c), ("H1", "H", *h[0]),
+            ("H2", "H", *h[1]), ("H3", "H", *h[2]))
+
+
 #: Solvents of ``qmmm-driver sample --solvent``: densities at 298 K (g/cm^3 -> molecules/A^3).
 SOLVENTS = {
     "water": Solvent("water", "TIP3P (amber14)", "HOH", None, 0.997 * 0.6022 / 18.015, ()),
@@ -101,6 +110,8 @@ SOLVENTS = {
     "acetone": Solvent("acetone", "OPLS-AA acetone", "DMK", str(DATA / "acetone.xml"), 0.784 * 0.6022 / 58.080,
                        _acetone_atoms()),
     "dmso": Solvent("dmso", "OPLS-AA DMSO", "DMS", str(DATA / "dmso.xml"), 1.100 * 0.6022 / 78.133, _dmso_atoms()),
+    "nitromethane": Solvent("nitromethane", "OPLS-AA nitromethane", "NIM", str(DATA / "nitromethane.xml"),
+                            1.131 * 0.6022 / 61.040, _nitromethane_atoms()),
 }
 
 #: Ions of ``qmmm-driver sample --ion``: residue/atom name in amber14/tip3p.xml, element, charge (e).
