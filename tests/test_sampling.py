@@ -2,7 +2,6 @@
 model the same energy as the system itself, link atoms and redistributed charges included; charge noise keeps
 every molecule's charge scaled as a whole."""
 
-
 import numpy as np
 import pytest
 import torch
