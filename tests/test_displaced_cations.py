@@ -30,7 +30,7 @@ def test_the_cation_moves_alone_along_the_chlorine_axis():
         np.linalg.norm(new.positions[frame.qm_indices] - new.positions[ion], axis=1).min() / ANGSTROM_TO_BOHR, abs=1e-4)
 
 
-def test_frames_without_a_cation_in_contact_are_skipped():
+def test_frames_without_a_cation_in_contact_or_with_a_qm_atom_in_the_way_are_skipped():
     script = load_example("examples/sn2/displaced_cations.py")
     bulk = read_structures(DATA / "sn2_bulk.extxyz.xz", index="0")[0]
     assert script.displace(bulk, 2.8) is None

@@ -8,10 +8,10 @@ cation of a training frame along the chloride-cation axis to 2.5 or 3.4 A
 (0.3-0.6 A from where it was sampled) gave energy errors of 10-295 meV against
 the reference, where at its sampled place the error was a few meV (README, "Off
 the sampled distance", which also says what training on these frames did). This
-script takes the training
-frames (``split.json`` beside it, ``train``) of the end-on files and moves the
-cation nearest a chlorine, alone, along the chlorine-cation axis to a random
-distance in ``--range`` (A), so that distance and shell vary apart. Frames with
+script takes the training frames (``split.json`` beside it, ``train``) of the
+end-on files and moves the cation nearest a chlorine, alone, along the
+chlorine-cation axis to a random distance in ``--range`` (A), so that distance
+and shell vary apart. Frames with
 no cation within ``CONTACT_A`` of a chlorine, or where the moved cation would
 come closer than ``MIN_CLEARANCE_A`` to another QM atom, are skipped. The result
 is unlabelled; label it with `qmmm-driver label`.
