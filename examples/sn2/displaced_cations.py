@@ -11,10 +11,9 @@ the sampled distance", which also says what training on these frames did). This
 script takes the training frames (``split.json`` beside it, ``train``) of the
 end-on files and moves the cation nearest a chlorine, alone, along the
 chlorine-cation axis to a random distance in ``--range`` (A), so that distance
-and shell vary apart. Frames with
-no cation within ``CONTACT_A`` of a chlorine, or where the moved cation would
-come closer than ``MIN_CLEARANCE_A`` to another QM atom, are skipped. The result
-is unlabelled; label it with `qmmm-driver label`.
+and shell vary apart. Frames with no cation within ``CONTACT_A`` of a chlorine,
+or where the moved cation would come closer than ``MIN_CLEARANCE_A`` to another
+QM atom, are skipped. The result is unlabelled; label it with `qmmm-driver label`.
 
     python examples/sn2/displaced_cations.py --out displaced.extxyz --frames 160
     qmmm-driver label displaced.extxyz --out examples/sn2/data/sn2_displaced.extxyz --spread
@@ -27,14 +26,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+from ase.data import atomic_numbers
 
+from qmmm_driver.mm.systems import IONS
 from qmmm_driver.structures import QMMMStructure, augmented, write_structures
 from qmmm_driver.training.data import split_frames
 from qmmm_driver.units import ANGSTROM_TO_BOHR
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("data/sn2_end_on.extxyz.xz", "data/sn2_end_on2.extxyz.xz")
-CATIONS = {3, 11, 19, 37, 55, 12, 20, 30, 38, 56}  # Li, Na, K, Rb, Cs, Mg, Ca, Zn, Sr, Ba
+CATIONS = {atomic_numbers[element] for _, element, charge in IONS.values() if charge > 0}  # those of `sample --ion`
 CHLORINE = 17
 CONTACT_A = 3.6  # a cation this close to a chlorine is in contact with it
 MIN_CLEARANCE_A = 2.0  # moved cation vs every QM atom but the chlorine
@@ -57,14 +58,12 @@ def displace(frame: QMMMStructure, distance_A: float) -> QMMMStructure | None:
     ion, cl = cations[k], chlorines[c]
     new = pos.copy()
     new[ion] = pos[cl] + (pos[ion] - pos[cl]) / d[k, c] * distance_A * ANGSTROM_TO_BOHR
-    others = [i for i in frame.qm_indices if i != cl]
-    if np.linalg.norm(pos[others] - new[ion], axis=1).min() < MIN_CLEARANCE_A * ANGSTROM_TO_BOHR:
+    to_qm = np.linalg.norm(new[frame.qm_indices] - new[ion], axis=1) / ANGSTROM_TO_BOHR
+    if to_qm[frame.qm_indices != cl].min() < MIN_CLEARANCE_A:
         return None
-    symbol = frame.symbols[ion]
-    nearest_qm = np.linalg.norm(new[frame.qm_indices] - new[ion], axis=1).min() / ANGSTROM_TO_BOHR
-    return frame.moved(new, environment="displaced cation", ion_distance=round(float(nearest_qm), 4),
-                       augmented=f"{symbol} {ion} moved from {d[k, c] / ANGSTROM_TO_BOHR:.2f} to {distance_A:.2f} A "
-                                 f"of Cl {cl}")
+    return frame.moved(new, environment="displaced cation", ion_distance=round(float(to_qm.min()), 4),
+                       augmented=f"{frame.symbols[ion]} {ion} moved from {d[k, c] / ANGSTROM_TO_BOHR:.2f} to "
+                                 f"{distance_A:.2f} A of Cl {cl}")
 
 
 def training_frames(split: Path) -> list[QMMMStructure]:
