@@ -1,5 +1,6 @@
-"""Two or more compiled packages of the same model, timed in turn in one process: the package alone and the
-whole evaluator call (presentation, package, forces), one structure per call, one thread.
+"""Two or more compiled packages (of the same model, or each of its own with --models), timed in turn in one
+process: the package alone and the whole evaluator call (presentation, package, forces), one structure per call,
+one thread.
 
 The system is the shipped water example cut to the QM water and the ~700 MM charges within 12 A (the issue's
 "one model call"). The packages are called alternately, call by call, so that a busy or noisy machine slows
@@ -9,6 +10,7 @@ forces are from the first package's.
     qmmm-driver compile --model qmmm_driver/models/water/model.pt --n-qm 3 --out plain.pt2
     qmmm-driver compile --model qmmm_driver/models/water/model.pt --n-qm 3 --tune --out tuned.pt2
     python benchmarks/compare_packages.py plain.pt2 tuned.pt2 [--calls 2000]
+    python benchmarks/compare_packages.py old.pt2 new.pt2 --models old.pt new.pt   # packages of two models
 
 Writes benchmarks/results/compare_packages.json (with the machine it ran on).
 """
@@ -37,9 +39,13 @@ def summary(seconds: list[float]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("packages", nargs="+", type=Path, help="compiled packages of the shipped water model")
+    p.add_argument("--models", nargs="+", type=Path, default=None,
+                   help="the model file of each package, in the same order (default: the shipped water model for all)")
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare_packages.json")
     args = p.parse_args()
+    if args.models is not None and len(args.models) != len(args.packages):
+        p.error(f"--models names {len(args.models)} model files for {len(args.packages)} packages")
 
     import torch
 
@@ -51,9 +57,10 @@ def main() -> None:
 
     torch.set_num_threads(1)
     structure = QMMMStructure.read(cluster_system(Path(tempfile.mkdtemp())))
-    model = load(MODELS / "water" / "model.pt")
-    runners = [load_compiled(path, model.checksum, structure.n_qm, "cpu", torch.float32) for path in args.packages]
-    evaluators = [ModelEvaluator(model, structure, "cpu", torch.float32, compiled=r) for r in runners]
+    models = [load(m) for m in args.models or [MODELS / "water" / "model.pt"] * len(args.packages)]
+    runners = [load_compiled(path, m.checksum, structure.n_qm, "cpu", torch.float32)
+               for path, m in zip(args.packages, models)]
+    evaluators = [ModelEvaluator(m, structure, "cpu", torch.float32, compiled=r) for m, r in zip(models, runners)]
     pos = structure.positions[None]
 
     captured = {}
