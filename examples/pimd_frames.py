@@ -24,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qmmm_driver.launcher import TEMPLATES
+from qmmm_driver.launcher import MODELS, TEMPLATES
 
-HERE = Path(__file__).resolve().parent
-MODELS = HERE.parent / "qmmm_driver" / "models"
 TEMPLATE = "pimd-contracted.xml"
 
 
@@ -47,10 +45,9 @@ def prepare(steps: int, stride: int, seed: int, target: Path) -> Path:
     return target
 
 
-def bead_frames(run_dir: Path, example: str, discard: int, per_step: int, seed: int,
-                rng: np.random.Generator) -> list:
-    """``per_step`` random beads of every stored step after ``discard`` of a run of the shipped ``example``, as
-    cluster frames (Bohr)."""
+def bead_frames(run_dir: Path, example: str, discard: int, per_step: int, seed: int) -> list:
+    """``per_step`` beads, chosen at random (``seed``), of every stored step after ``discard`` of a run of the
+    shipped ``example``, as cluster frames (Bohr)."""
     import ase.io
 
     from qmmm_driver.embedding import Embedding
@@ -64,7 +61,7 @@ def bead_frames(run_dir: Path, example: str, discard: int, per_step: int, seed: 
     files = sorted(run_dir.glob("simulation.pos_*.extxyz"))
     beads = [ase.io.read(f, index=":") for f in files]
     steps = [int(a.info["ipi_comment"].split()[1]) for a in beads[0]]
-    frames = []
+    rng, frames = np.random.default_rng(seed), []
     for k, step in enumerate(steps):
         if step < discard:
             continue
@@ -96,8 +93,7 @@ def main() -> None:
            "--run-dir", str(args.run_dir), "--no-progress"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    frames = bead_frames(args.run_dir, args.example, args.discard, args.per_step, args.seed,
-                         np.random.default_rng(args.seed))
+    frames = bead_frames(args.run_dir, args.example, args.discard, args.per_step, args.seed)
     write_structures(args.out, frames)
     print(f"{len(frames)} frames -> {args.out}")
 

@@ -37,7 +37,7 @@ def test_random_beads_after_the_discarded_steps_become_cluster_frames(tmp_path):
             frames.append(atoms)
         ase.io.write(tmp_path / f"simulation.pos_{bead:02d}.extxyz", frames, format="extxyz")
 
-    out = script.bead_frames(tmp_path, "water", 25, 2, 3, np.random.default_rng(3))
+    out = script.bead_frames(tmp_path, "water", 25, 2, 3)
 
     assert [f.info["step"] for f in out] == [25, 25, 50, 50]
     for step in (25, 50):
