@@ -52,15 +52,17 @@ def bead_frames(run_dir: Path, example: str, discard: int, per_step: int, seed: 
 
     from qmmm_driver.embedding import Embedding
     from qmmm_driver.evaluator import load
+    from qmmm_driver.ipi.outputs import STEP_MARK, files_of, output_specs
     from qmmm_driver.structures import QMMMStructure
     from qmmm_driver.units import ANGSTROM_TO_BOHR
 
     settings = load(MODELS / example / "model.pt").settings
     system = QMMMStructure.read(MODELS / example / "system.extxyz")
     embedding = Embedding(system, settings.mm_switch_on, settings.mm_switch_off)
-    files = sorted(run_dir.glob("simulation.pos_*.extxyz"))
-    beads = [ase.io.read(f, index=":") for f in files]
-    steps = [int(a.info["ipi_comment"].split()[1]) for a in beads[0]]
+    # the run's one trajectory (prepare() keeps only the positions), a file per bead, i-PI's backups left out
+    spec = next(s for s in output_specs(ET.parse(run_dir / "input.xml").getroot()) if s.kind == "trajectory")
+    beads = [ase.io.read(f, index=":") for f in files_of(run_dir, spec)]
+    steps = [int(STEP_MARK.search(a.info["ipi_comment"].encode()).group(1)) for a in beads[0]]
     rng, frames = np.random.default_rng(seed), []
     for k, step in enumerate(steps):
         if step < discard:
