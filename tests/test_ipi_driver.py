@@ -529,11 +529,13 @@ def test_batched_equals_unbatched(procs, tmp_path, tiny_model_file):
     forces, counts, extras, logs = {}, {}, {}, {}
     cases = ((1, "unix"), (4, "unix"), (1, "shm"), (4, "shm"), (1, "fan-in"), (1, "fan-in, polled"),
              (1, "fan-in, shm"))
-    for batch, mode in cases:
-        run_dir = tmp_path / f"batch{batch}-{mode.replace(', ', '-')}"
-        run_dir.mkdir()
-        sub = Procs(run_dir)
-        try:
+    runs = {}  # the seven runs side by side, each with its own socket and folder
+    try:
+        for batch, mode in cases:
+            run_dir = tmp_path / f"batch{batch}-{mode.replace(', ', '-')}"
+            run_dir.mkdir()
+            sub = Procs(run_dir)
+            runs[batch, mode] = sub, run_dir
             name = sub.socket_name()
             xml = ipi_input(name, str(frame), steps=4, dt_fs=0.25, nbeads=4, batch_size=batch,
                             mode="shm" if "shm" in mode else "unix")
@@ -541,14 +543,15 @@ def test_batched_equals_unbatched(procs, tmp_path, tiny_model_file):
                 xml = xml.replace("</address>", "</address> <consolidate_messages>false</consolidate_messages>")
             args = ["--model", tiny_model_file, "--system", frame, "--unix", name, "--dtype", "float64"]
             args += (["--shm"] if "shm" in mode else []) + (["--connections", "4"] if "fan-in" in mode else [])
-            ipi, workers = start_workers_then_ipi(sub, args, xml)
+            runs[batch, mode] += start_workers_then_ipi(sub, args, xml)
+        for key, (sub, run_dir, ipi, workers) in runs.items():
             finish_run(sub, ipi, workers)
-            key = (batch, mode)
             forces[key] = np.stack([[f[1] for f in read_ipi_bin(run_dir / f"sim.frc_{b}.bin")] for b in range(4)])
             logs[key] = sub.log(workers[0])
             counts[key] = served_counts(logs[key])[0]
             extras[key] = (run_dir / "sim.xtr_0").read_text()
-        finally:
+    finally:
+        for sub, *_ in runs.values():
             sub.cleanup()
     ref = forces[1, "unix"]
     assert ref.shape == (4, 5, 93, 3)
