@@ -2,13 +2,19 @@
 
     python examples/error_by_group.py qmmm_driver/models/sn2/model.pt examples/sn2/data/sn2_acetonitrile*.extxyz.xz
     python examples/error_by_group.py qmmm_driver/models/sn2/model.pt examples/sn2/data/sn2_end_on2.extxyz.xz --by ion
+    python examples/error_by_group.py qmmm_driver/models/sn2/model.pt examples/sn2/data/sn2_pimd4.extxyz.xz --by far-c-cl
 
 ``--by seed`` (the default) groups by sampling trajectory: frames of one trajectory are correlated, so a mean
 signed error over one trajectory says less about a medium or an ion than the spread between trajectories does.
-Prints one line per group and one for all frames (energy MAE and mean signed error in meV, QM-force MAE in meV/A).
+``--by far-c-cl`` groups SN2 frames by geometry instead: the longer of the two C-Cl distances of the QM region, in
+bins with edges ``--edges`` (Angstrom; the default 3.5, 4.13 and 4.5 A, where 4.13 A is as far as the classical
+training frames go). Prints one line per group and one for all frames (energy MAE and mean signed error in meV,
+QM-force MAE in meV/A).
 """
 
 import argparse
+
+import numpy as np
 
 from qmmm_driver.evaluator import load
 from qmmm_driver.structures import read_structures
@@ -22,17 +28,40 @@ def line(name: str, metrics: Metrics) -> str:
             f"F {s['force_mae_meV_per_A']:6.2f}")
 
 
+def far_c_cl(structure) -> float:
+    """The longer C-Cl distance of an SN2 QM region (one C, two Cl), in Angstrom."""
+    qm = structure.qm_indices
+    numbers, positions = structure.numbers[qm], structure.positions[qm]
+    if (numbers == 6).sum() != 1 or (numbers == 17).sum() != 2:
+        raise SystemExit(f"error_by_group: --by far-c-cl needs one C and two Cl in the QM region; frame "
+                         f"{structure.info.get('source_index', '?')} has elements {sorted(set(numbers.tolist()))}")
+    carbon = positions[numbers == 6][0]
+    return float(np.linalg.norm(positions[numbers == 17] - carbon, axis=1).max()) / ANGSTROM_TO_BOHR
+
+
+def bin_name(value: float, edges: list[float]) -> str:
+    """The bin of ``value`` between sorted ``edges``, named so that names sort in the bins' order."""
+    below = [e for e in edges if e <= value]
+    above = [e for e in edges if e > value]
+    lower = f"{below[-1]:5.2f}" if below else "     "
+    upper = f"{above[0]:5.2f}" if above else "     "
+    return f"{len(below)}: {lower}-{upper} A"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("data", nargs="+", help="labelled frames (extended XYZ)")
-    p.add_argument("--by", default="seed", help="the info key to group by (default: seed)")
+    p.add_argument("--by", default="seed", help="the info key to group by (default: seed), or far-c-cl")
+    p.add_argument("--edges", default="3.5,4.13,4.5", help="bin edges for --by far-c-cl, Angstrom (default: %(default)s)")
     args = p.parse_args()
+    edges = sorted(float(e) for e in args.edges.split(","))
     model = load(args.model)
     frames = [s for f in args.data for s in read_structures(f, require_labels=True)]
     groups: dict[str, list] = {}
     for s in frames:
-        groups.setdefault(str(s.info.get(args.by, "-")), []).append(s)
+        key = bin_name(far_c_cl(s), edges) if args.by == "far-c-cl" else str(s.info.get(args.by, "-"))
+        groups.setdefault(key, []).append(s)
     everything = Metrics()
     for name in sorted(groups):
         metrics = evaluate_structures(model, groups[name], 6.0 * ANGSTROM_TO_BOHR)[0]

@@ -24,3 +24,30 @@ def test_groups_are_the_trajectories_and_add_up(monkeypatch, capsys):
     # equal groups: the whole's MAE and mean signed error are the means of the groups' (printed to 0.01 meV)
     assert rows["all"][1] == pytest.approx(sum(g[1] for g in groups) / 4, abs=0.01)
     assert rows["all"][2] == pytest.approx(sum(g[2] for g in groups) / 4, abs=0.01)
+
+
+def test_far_c_cl_is_the_longer_carbon_chloride_distance_and_bins_sort_in_order():
+    import ase.io
+    from qmmm_driver.structures import read_structures
+
+    script = load_example("examples/error_by_group.py")
+    path = REPO / "examples" / "sn2" / "data" / "sn2_pimd4.extxyz.xz"
+    frames = read_structures(path, require_labels=True)[:20]
+    atoms = ase.io.read(path, index=":20")  # ASE's own reader and units (Angstrom)
+    for s, a in zip(frames, atoms):
+        qm = a.arrays["qm"] == 1
+        carbon = [i for i in range(len(a)) if qm[i] and a.numbers[i] == 6]
+        chlorides = [i for i in range(len(a)) if qm[i] and a.numbers[i] == 17]
+        assert script.far_c_cl(s) == pytest.approx(a.get_distances(carbon[0], chlorides).max(), abs=1e-6)
+    edges = [3.5, 4.13, 4.5]
+    names = [script.bin_name(d, edges) for d in (5.0, 3.0, 4.2, 3.9, 4.13)]
+    assert names[4] == names[2] and names[4].startswith("2:") and "4.13- 4.50" in names[4]
+    assert sorted(set(names)) == [names[1], names[3], names[2], names[0]]
+
+
+def test_far_c_cl_refuses_a_qm_region_without_two_chlorides(monkeypatch):
+    script = load_example("examples/error_by_group.py")
+    monkeypatch.setattr(sys, "argv", ["error_by_group.py", str(MODELS / "water" / "model.pt"), str(DATA),
+                                      "--by", "far-c-cl"])
+    with pytest.raises(SystemExit, match="one C and two Cl"):
+        script.main()
