@@ -9,9 +9,15 @@ of its own) and cuts, every ``--stride`` steps after the first ``--discard``, ``
 random as the cluster frames the model sees (whole molecules at the nearest image of the QM region, switched
 between the model's r_on and r_off). The result is unlabelled; label it with `qmmm-driver label`.
 
+Every run starts from the shipped ``system.extxyz`` unless ``--start DIR`` names another equilibrated start
+(``system.extxyz`` and ``system.pdb``, as ``qmmm-driver sample --system-dir DIR`` or ``examples/sn2/sample.py
+--system-dir DIR`` write them): runs of 0.25-0.4 ps from one start all see nearly the same solvent.
+
     python examples/pimd_frames.py --out pimd.extxyz --steps 1600 --seed 7
     qmmm-driver label pimd.extxyz --out examples/water/data/water_pimd.extxyz --threads 2
     python examples/pimd_frames.py --example sn2 --out sn2_pimd.extxyz --steps 1000 --seed 8
+    python examples/sn2/sample.py --out start30.extxyz --frames 1 --windows=-2.0:-2.0:1 --seed 30 --system-dir start30
+    python examples/pimd_frames.py --example sn2 --start start30 --out sn2_pimd.extxyz --steps 1600 --seed 30
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qmmm_driver.launcher import MODELS, TEMPLATES
+from qmmm_driver.launcher import MODELS, TEMPLATES, Example
 
 TEMPLATE = "pimd-contracted.xml"
 
@@ -45,9 +51,26 @@ def prepare(steps: int, stride: int, seed: int, target: Path) -> Path:
     return target
 
 
-def bead_frames(run_dir: Path, example: str, discard: int, per_step: int, seed: int) -> list:
+def example_with_start(example: str, start: Path, target: Path) -> Path:
+    """An example directory ``target`` whose ``example.toml`` runs the shipped ``example``'s model and force field
+    on the system files of ``start`` (absolute paths)."""
+    shipped = Example.find(example)
+    files = {"system": start / "system.extxyz", "pdb": start / "system.pdb"}
+    for path in files.values():
+        if not path.is_file():
+            sys.exit(f"--start {start}: no {path.name} there (write one with `qmmm-driver sample --system-dir`)")
+    target.mkdir(parents=True, exist_ok=True)
+    quoted = lambda items: "[" + ", ".join(f'"{x}"' for x in items) + "]"  # noqa: E731
+    (target / "example.toml").write_text(
+        f'model = "{shipped.model}"\nsystem = "{files["system"].resolve()}"\npdb = "{files["pdb"].resolve()}"\n'
+        f"forcefield = {quoted(shipped.forcefield)}\nmm_options = {quoted(shipped.mm_options)}\n")
+    return target
+
+
+def bead_frames(run_dir: Path, example: str, discard: int, per_step: int, seed: int,
+                system_file: Path | None = None) -> list:
     """``per_step`` beads, chosen at random (``seed``), of every stored step after ``discard`` of a run of the
-    shipped ``example``, as cluster frames (Bohr)."""
+    shipped ``example`` (started from ``system_file``, default the shipped one), as cluster frames (Bohr)."""
     import ase.io
 
     from qmmm_driver.embedding import Embedding
@@ -57,7 +80,7 @@ def bead_frames(run_dir: Path, example: str, discard: int, per_step: int, seed: 
     from qmmm_driver.units import ANGSTROM_TO_BOHR
 
     settings = load(MODELS / example / "model.pt").settings
-    system = QMMMStructure.read(MODELS / example / "system.extxyz")
+    system = QMMMStructure.read(system_file or MODELS / example / "system.extxyz")
     embedding = Embedding(system, settings.mm_switch_on, settings.mm_switch_off)
     # the run's one trajectory (prepare() keeps only the positions), a file per bead, i-PI's backups left out
     spec = next(s for s in output_specs(ET.parse(run_dir / "input.xml").getroot()) if s.kind == "trajectory")
@@ -69,7 +92,8 @@ def bead_frames(run_dir: Path, example: str, discard: int, per_step: int, seed: 
             continue
         for b in sorted(rng.choice(len(beads), size=per_step, replace=False)):
             info = {"system": example, "environment": "PIMD bead", "solvent": "water", "ion": "none",
-                    "seed": seed, "step": step, "bead": int(b), "nbeads": len(beads), "temperature": 300.0}
+                    "seed": seed, "step": step, "bead": int(b), "nbeads": len(beads), "temperature": 300.0,
+                    "start": "shipped" if system_file is None else system_file.parent.name}
             frames.append(embedding.cluster(beads[b][k].positions * ANGSTROM_TO_BOHR, system.cell, info=info))
     return frames
 
@@ -86,16 +110,22 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7, help="i-PI's thermostat seed and the bead choice (default 7)")
     p.add_argument("--example", choices=sorted(d.parent.name for d in MODELS.glob("*/model.pt")), default="water",
                    help="shipped model and system to run (default water)")
+    p.add_argument("--start", type=Path, default=None,
+                   help="directory of an equilibrated start (system.extxyz, system.pdb; default: the shipped one)")
     p.add_argument("--run-dir", type=Path, default=Path("runs/pimd-frames"))
     args = p.parse_args()
     if args.run_dir.exists():
         sys.exit(f"{args.run_dir} exists: give --run-dir a new folder (its trajectory would be appended to)")
     xml = prepare(args.steps, args.stride, args.seed, args.run_dir.with_suffix(".xml"))
-    cmd = [sys.executable, "-m", "qmmm_driver.cli", "launch", str(xml), "--example", args.example,
+    example = args.example
+    if args.start is not None:
+        example = str(example_with_start(args.example, args.start, args.run_dir.with_suffix(".example")))
+    cmd = [sys.executable, "-m", "qmmm_driver.cli", "launch", str(xml), "--example", example,
            "--run-dir", str(args.run_dir), "--no-progress"]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    frames = bead_frames(args.run_dir, args.example, args.discard, args.per_step, args.seed)
+    frames = bead_frames(args.run_dir, args.example, args.discard, args.per_step, args.seed,
+                         None if args.start is None else args.start / "system.extxyz")
     write_structures(args.out, frames)
     print(f"{len(frames)} frames -> {args.out}")
 

@@ -1,4 +1,5 @@
-"""examples/pimd_frames.py: the PIMD input it runs, and random beads cut as the cluster frames the model sees."""
+"""examples/pimd_frames.py: the PIMD input it runs, the example it runs from another start, and random beads cut as
+the cluster frames the model sees."""
 
 import xml.etree.ElementTree as ET
 
@@ -48,3 +49,24 @@ def test_random_beads_after_the_discarded_steps_become_cluster_frames(tmp_path):
                                    atol=1e-6)
         assert 0 < len(f.mm_indices) < len(system) - 3
         assert abs(f.mm_charge.sum()) < 1e-6  # whole neutral molecules
+
+
+def test_another_start_runs_the_shipped_model_and_force_field_on_its_own_system_files(tmp_path):
+    import pytest
+
+    from qmmm_driver.launcher import Example
+
+    script = load_example("examples/pimd_frames.py")
+    start = tmp_path / "start"
+    start.mkdir()
+    with pytest.raises(SystemExit, match="no system.extxyz there"):
+        script.example_with_start("sn2", start, tmp_path / "empty.example")
+    shipped = Example.find("sn2")
+    (start / "system.extxyz").write_bytes(shipped.system.read_bytes())
+    (start / "system.pdb").write_bytes(shipped.pdb.read_bytes())
+
+    example = Example.find(script.example_with_start("sn2", start, tmp_path / "run.example"))
+
+    assert example.model == shipped.model
+    assert example.system == (start / "system.extxyz").resolve() and example.pdb == (start / "system.pdb").resolve()
+    assert example.forcefield == shipped.forcefield and example.mm_options == shipped.mm_options

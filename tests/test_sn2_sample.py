@@ -1,5 +1,6 @@
-"""examples/sn2/sample.py --ion-end-on: the angle wall is flat beyond its angle, rises as 1/2 k (amin - a)^2 below
-it and pushes the ion back towards the C-Cl axis; bad use is refused before any sampling."""
+"""examples/sn2/sample.py: the --ion-end-on angle wall is flat beyond its angle, rises as 1/2 k (amin - a)^2 below
+it and pushes the ion back towards the C-Cl axis; --bend turns the far chloride off the axis; bad use is refused
+before any sampling."""
 
 import numpy as np
 import pytest
@@ -120,3 +121,33 @@ def test_acceptor_contact_holds_the_nearest_acceptors_with_a_flat_bottom_wall():
     assert energy == pytest.approx(0.5 * DISTANCE_WALL_K * (3.5 - 3.2) ** 2, rel=1e-6)  # only N is outside
     with pytest.raises(SystemExit, match="O/N atoms, 5 asked for"):
         script.acceptor_contact_restraint(FakeSampler(), 5, 2.4, 3.2)
+
+
+def _angle_deg(a, b):
+    return np.degrees(np.arccos(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b)))
+
+
+@pytest.mark.parametrize("xi", [-2.0, -0.4, 0.7, 2.3])
+def test_bend_turns_only_the_far_chloride_and_keeps_its_distance(xi):
+    script = load_example("examples/sn2/sample.py")
+    solute = script.sn2
+    straight = solute.geometry(xi)
+    bent = solute.geometry(xi, 35.0, 120.0)
+    far = 5 if xi < 0 else 4
+    near = 9 - far
+    assert _angle_deg(straight[4], straight[5]) == pytest.approx(180.0)
+    assert _angle_deg(bent[near], bent[far]) == pytest.approx(145.0)
+    assert np.linalg.norm(bent[far]) == pytest.approx(np.linalg.norm(straight[far]))
+    assert np.allclose(np.delete(bent, far, axis=0), np.delete(straight, far, axis=0))
+    assert solute.xi_of(bent) == pytest.approx(xi)
+    # the azimuth is measured from the x axis (the plane of C, H1 and the C-Cl axis)
+    assert np.degrees(np.arctan2(bent[far, 1], bent[far, 0])) == pytest.approx(120.0)
+
+
+@pytest.mark.parametrize("bend, message", [("10", "is not LO:HI"), ("50:20", "needs 0 <= LO <= HI < 180"),
+                                           ("-5:20", "needs 0 <= LO"), ("10:180", "needs 0 <= LO")])
+def test_bend_refuses_bad_ranges_before_sampling(bend, message, tmp_path):
+    script = load_example("examples/sn2/sample.py")
+    with pytest.raises(SystemExit, match=message):
+        script.main(["--out", str(tmp_path / "x.extxyz"), "--frames", "1", f"--bend={bend}"])
+    assert not (tmp_path / "x.extxyz").exists()

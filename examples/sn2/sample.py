@@ -18,7 +18,13 @@ the side-on contacts of ``--ion-distance`` alone hardly ever go.
 to the methyl hydrogens at start within LO..HI A of the nearest of those
 hydrogens (the flat-bottom wall of ``--ion-distance``): bare acceptors at the
 methyl group, as acetonitrile's nitrogen sits there and acetone's oxygen
-rarely does unheld.
+rarely does unheld. ``--bend LO:HI`` turns the farther chloride off the
+Cl-C-Cl axis in each window by an angle drawn uniformly from LO..HI degrees
+(towards a random azimuth; ``solute.geometry``): the bent complexes a free
+chloride visits in unheld (PIMD) dynamics, which the collinear path never
+holds. Pair it with windows that keep that chloride 3.7-5 A from the carbon
+(``--windows=1.8:3.2:8``), where the beads bend; nearer, a large bend presses
+it onto a methyl hydrogen.
 """
 
 from __future__ import annotations
@@ -86,6 +92,16 @@ def parse_contact(text: str) -> tuple[int, float, float]:
     return count, lo, hi
 
 
+def parse_bend(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise SystemExit(f"--bend '{text}' is not LO:HI in degrees (e.g. 10:90)")
+    if not 0.0 <= lo <= hi < 180.0:
+        raise SystemExit(f"--bend '{text}' needs 0 <= LO <= HI < 180 degrees")
+    return lo, hi
+
+
 def main(argv=None) -> int:
     from tqdm import tqdm
 
@@ -103,6 +119,9 @@ def main(argv=None) -> int:
     parser.add_argument("--acceptor-contact", default=None, metavar="N:LO:HI",
                         help="hold the N solvent O/N atoms nearest to the methyl hydrogens within LO..HI A of the "
                              "nearest of them (e.g. 2:2.4:3.2 with --solvent acetone); not with --ion")
+    parser.add_argument("--bend", default=None, metavar="LO:HI",
+                        help="turn the farther chloride off the Cl-C-Cl axis by an angle drawn from LO..HI degrees "
+                             "in each window (e.g. 10:90; default: collinear)")
     parser.set_defaults(qm_noise=0.0, solute="sn2")
     args = parser.parse_args(argv)
     if args.ion_end_on is not None and (args.ion is None or not 90.0 <= args.ion_end_on < 180.0):
@@ -119,9 +138,16 @@ def main(argv=None) -> int:
         raise SystemExit(f"--windows '{args.windows}' is not start:stop:count (e.g. -2.0:2.0:17)")
     per_window = np.full(len(windows), args.frames // len(windows))
     per_window[: args.frames % len(windows)] += 1
+    # per window: the far chloride's bend and azimuth (degrees), zero on the collinear path
+    bends = np.zeros((len(windows), 2))
+    if args.bend is not None:
+        lo, hi = parse_bend(args.bend)
+        rng = np.random.default_rng(args.seed)
+        bends[:, 0], bends[:, 1] = rng.uniform(lo, hi, len(windows)), rng.uniform(0.0, 360.0, len(windows))
 
-    def window(sampler, xi0: float) -> None:
-        sampler.hold_qm(sn2.geometry(xi0))
+    def window(sampler, k: int) -> None:
+        xi0 = float(windows[k])
+        sampler.hold_qm(sn2.geometry(xi0, *bends[k]))
         sampler.set_qm_charges(sn2.charges(xi0))
 
     def start(sampler) -> None:
@@ -134,7 +160,7 @@ def main(argv=None) -> int:
             sampler.sim.system.addForce(force)
             sampler.sim.context.reinitialize(preserveState=True)
             print(f"holding solvent atoms {held} at {contact[1]}-{contact[2]} A from the methyl hydrogens")
-        window(sampler, float(windows[0]))
+        window(sampler, 0)
 
     try:
         sampler, info = make_sampler(args, sn2.solute(float(windows[0])), start)
@@ -147,10 +173,11 @@ def main(argv=None) -> int:
     with tqdm(total=args.frames, desc="sampling sn2", unit="frame") as bar:
         for k, (xi0, n) in enumerate(zip(windows, per_window)):
             if k > 0:
-                window(sampler, float(xi0))
+                window(sampler, k)
                 sampler.equilibrate(args.window_equilibrate)
+            extra = {"window_bend_deg": round(float(bends[k, 0]), 2)} if args.bend is not None else {}
             sampler.sample(args.out, n, args.interval, args.qm_noise, args.charge_noise,
-                           dict(info, window_xi=round(float(xi0), 4)), bar)
+                           dict(info, window_xi=round(float(xi0), 4), **extra), bar)
     print(f"wrote {args.frames} frames to {args.out}")
     return 0
 

@@ -33,8 +33,13 @@ def bond_orders(xi: float) -> tuple[float, float]:
     return n1, 1.0 - n1
 
 
-def geometry(xi: float) -> np.ndarray:
-    """Reference geometry (A) of C, H1-3, Cl1, Cl2 at reaction coordinate ``xi``."""
+def geometry(xi: float, bend_deg: float = 0.0, azimuth_deg: float = 0.0) -> np.ndarray:
+    """Reference geometry (A) of C, H1-3, Cl1, Cl2 at reaction coordinate ``xi``.
+
+    On the path the three atoms Cl1, C, Cl2 are collinear. ``bend_deg`` turns the farther chloride (Cl2 for
+    ``xi < 0``, Cl1 for ``xi > 0``) off that axis by this angle about C, at its distance, towards the azimuth
+    ``azimuth_deg`` (0: the plane of C, H1 and the axis): the angle Cl-C-Cl becomes 180 - ``bend_deg``, as when
+    a free chloride wanders round the methyl group."""
     n1, n2 = bond_orders(xi)
     d1, d2 = D0 - A * np.log(n1), D0 - A * np.log(n2)
     theta = np.radians(90.0 + (UMBRELLA - 90.0) * (n1 - n2))
@@ -44,6 +49,11 @@ def geometry(xi: float) -> np.ndarray:
         pos[1 + k] = CH * np.array([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)])
     pos[4] = [0.0, 0.0, d1]
     pos[5] = [0.0, 0.0, -d2]
+    if bend_deg:
+        far, side = (5, -1.0) if xi < 0 else (4, 1.0)
+        beta, phi = np.radians(bend_deg), np.radians(azimuth_deg)
+        pos[far] = np.linalg.norm(pos[far]) * np.array([np.sin(beta) * np.cos(phi), np.sin(beta) * np.sin(phi),
+                                                        side * np.cos(beta)])
     return pos
 
 
