@@ -23,6 +23,7 @@ Every run starts from the shipped ``system.extxyz`` unless ``--start DIR`` names
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -60,10 +61,10 @@ def example_with_start(example: str, start: Path, target: Path) -> Path:
         if not path.is_file():
             sys.exit(f"--start {start}: no {path.name} there (write one with `qmmm-driver sample --system-dir`)")
     target.mkdir(parents=True, exist_ok=True)
-    quoted = lambda items: "[" + ", ".join(f'"{x}"' for x in items) + "]"  # noqa: E731
-    (target / "example.toml").write_text(
-        f'model = "{shipped.model}"\nsystem = "{files["system"].resolve()}"\npdb = "{files["pdb"].resolve()}"\n'
-        f"forcefield = {quoted(shipped.forcefield)}\nmm_options = {quoted(shipped.mm_options)}\n")
+    # JSON strings and lists of strings are TOML too (the same escapes), so json.dumps quotes every value
+    values = {"model": str(shipped.model), "system": str(files["system"].resolve()),
+              "pdb": str(files["pdb"].resolve()), "forcefield": shipped.forcefield, "mm_options": shipped.mm_options}
+    (target / "example.toml").write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items()))
     return target
 
 
