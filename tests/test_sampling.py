@@ -121,3 +121,48 @@ def test_relaxed_setup_lowers_the_energy_and_keeps_the_qm_atoms():
     assert np.abs(relaxed.positions - setup.positions).max() > 1e-3  # the solvent moved (nm)
     assert energy(relaxed) < energy(setup) - 100.0
     assert relaxed.positions is not setup.positions and relaxed.topology is setup.topology
+
+
+@pytest.fixture()
+def held_water():
+    from qmmm_driver.mm.sampling import Sampler
+    from qmmm_driver.mm.systems import build_setup, water_solute
+
+    setup = build_setup(water_solute(), box_A=25.0, seed=2)
+    sampler = Sampler(setup, temperature=300.0, dt_fs=1.0, seed=2, r_on_A=10.0, r_off_A=12.0)
+    sampler.minimize()
+    return sampler
+
+
+def test_hold_deviation_is_the_largest_distance_from_the_aligned_hold_points(held_water):
+    from qmmm_driver.mm.sampling import align
+
+    assert held_water.hold_deviation() == 0.0  # nothing held yet
+    current = held_water.positions_A()[held_water.qm]
+    reference = current.copy()
+    reference[1] += [0.6, 0.0, 0.0]  # one hydrogen's hold point off where it is
+    held_water.hold_qm(reference)
+    expected = np.linalg.norm(align(reference, current) - current, axis=1).max()
+    assert expected > 0.3
+    assert held_water.hold_deviation() == pytest.approx(expected, abs=1e-5)
+
+
+def test_frames_whose_held_atoms_strayed_are_passed_over_then_refused(held_water, tmp_path, monkeypatch):
+    """Within the tolerance every interval gives a frame; beyond it none is written and, after HOLD_RETRIES
+    intervals in a row, sampling stops with an error naming the tolerance."""
+    from qmmm_driver.errors import InputError
+    from qmmm_driver.mm import sampling
+    from qmmm_driver.structures import read_structures
+
+    held_water.hold_qm(held_water.positions_A()[held_water.qm])
+    out = tmp_path / "frames.extxyz"
+    assert held_water.sample(out, 2, 0.01, 0.0, 0.0, {}) == 0
+    assert len(read_structures(out)) == 2
+    assert held_water.hold_deviation() <= sampling.HOLD_TOLERANCE_A
+    monkeypatch.setattr(sampling, "HOLD_TOLERANCE_A", 0.0)
+    monkeypatch.setattr(sampling, "HOLD_RETRIES", 3)
+    start = held_water.time_ps
+    with pytest.raises(InputError, match="more than 0.0 A from their hold points for 4 intervals"):
+        held_water.sample(out, 1, 0.01, 0.0, 0.0, {})
+    assert held_water.time_ps == pytest.approx(start + 4 * 0.01)
+    assert len(read_structures(out)) == 2

@@ -24,7 +24,9 @@ Cl-C-Cl axis in each window by an angle drawn uniformly from LO..HI degrees
 chloride visits in unheld (PIMD) dynamics, which the collinear path never
 holds. Pair it with windows that keep that chloride 3.7-5 A from the carbon
 (``--windows=1.8:3.2:8``), where the beads bend; nearer, a large bend presses
-it onto a methyl hydrogen.
+it onto a methyl hydrogen. A configuration in which a held atom strayed more
+than ``HOLD_TOLERANCE_A`` (0.35 A) from its hold point is passed over
+(``Sampler.sample``); the bent windows far from the carbon do that often.
 """
 
 from __future__ import annotations
@@ -170,15 +172,20 @@ def main(argv=None) -> int:
         info["ion_end_on_deg"] = args.ion_end_on
     if contact is not None:
         info["acceptor_contact"] = args.acceptor_contact
+    passed_over = 0
     with tqdm(total=args.frames, desc="sampling sn2", unit="frame") as bar:
         for k, (xi0, n) in enumerate(zip(windows, per_window)):
             if k > 0:
                 window(sampler, k)
                 sampler.equilibrate(args.window_equilibrate)
             extra = {"window_bend_deg": round(float(bends[k, 0]), 2)} if args.bend is not None else {}
-            sampler.sample(args.out, n, args.interval, args.qm_noise, args.charge_noise,
-                           dict(info, window_xi=round(float(xi0), 4), **extra), bar)
-    print(f"wrote {args.frames} frames to {args.out}")
+            try:
+                passed_over += sampler.sample(args.out, n, args.interval, args.qm_noise, args.charge_noise,
+                                              dict(info, window_xi=round(float(xi0), 4), **extra), bar)
+            except InputError as err:
+                raise SystemExit(f"error: window xi = {xi0:g} A: {err}")
+    print(f"wrote {args.frames} frames to {args.out}" + (f" ({passed_over} configurations passed over: a held "
+                                                         "atom had strayed from its hold point)" if passed_over else ""))
     return 0
 
 

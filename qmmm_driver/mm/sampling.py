@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InputError
 from ..structures import QMMMStructure
 from ..units import ANGSTROM_TO_BOHR
 from .systems import SOLVENTS, min_image_distances
 
 HOLD_K = 50000.0          # kJ/mol/nm^2: about 0.07 A thermal spread per coordinate at 300 K
+HOLD_TOLERANCE_A = 0.35   # a held QM atom farther from its hold point (5 spreads) is not held: no frame is taken
+HOLD_RETRIES = 40         # intervals a frame waits for the held atoms to come back before sampling gives up
 DISTANCE_WALL_K = 1000.0  # kJ/mol/A^2: flat-bottom distance walls (ions, acceptors)
 
 
@@ -104,6 +107,7 @@ class Sampler:
         self.embedding = Embedding(self.structure, r_on_A * ANGSTROM_TO_BOHR, r_off_A * ANGSTROM_TO_BOHR)
         self.r_on_A, self.r_off_A, self.temperature = r_on_A, r_off_A, temperature
         self.time_ps = 0.0
+        self.hold_points_A = None
 
     def positions_A(self) -> np.ndarray:
         from openmm import unit
@@ -114,11 +118,20 @@ class Sampler:
     def hold_qm(self, reference_A: np.ndarray) -> None:
         """Restrain the QM atoms (harmonic, k = 50 000 kJ/mol/nm^2) to ``reference_A``, aligned onto their
         current positions (A)."""
-        ref = align(np.asarray(reference_A, dtype=float), self.positions_A()[self.qm]) / 10.0
-        for k, (a, p) in enumerate(zip(self.qm, ref)):
+        self.hold_points_A = align(np.asarray(reference_A, dtype=float), self.positions_A()[self.qm])
+        for k, (a, p) in enumerate(zip(self.qm, self.hold_points_A / 10.0)):
             self.hold.setParticleParameters(k, a, list(p))
         self.hold.updateParametersInContext(self.sim.context)
         self.sim.context.setParameter("khold", HOLD_K)
+
+    def hold_deviation(self) -> float:
+        """Largest distance (A, minimum image) of a held QM atom from its hold point; 0 when none is held."""
+        if self.hold_points_A is None:
+            return 0.0
+        box = self.setup.box_nm()[0, 0] * 10.0
+        delta = self.positions_A()[self.qm] - self.hold_points_A
+        delta -= box * np.round(delta / box)
+        return float(np.linalg.norm(delta, axis=1).max())
 
     def set_qm_charges(self, charges: np.ndarray) -> None:
         """Charges (e) the QM atoms carry in the MM sampling (they never reach the frames)."""
@@ -176,16 +189,34 @@ class Sampler:
         return frame
 
     def sample(self, out, count: int, interval_ps: float, qm_noise_A: float, charge_noise: float, info: dict,
-               bar=None) -> None:
-        """Append ``count`` frames, ``interval_ps`` apart, to ``out`` (extended XYZ); ``bar`` is a tqdm bar."""
+               bar=None) -> int:
+        """Append ``count`` frames, ``interval_ps`` apart, to ``out`` (extended XYZ); ``bar`` is a tqdm bar.
+
+        While the QM atoms are held (:meth:`hold_qm`), a configuration in which one of them is more than
+        ``HOLD_TOLERANCE_A`` from its hold point is passed over for the next interval's: the solvent has pushed
+        the solute out of the held geometry into one strained by an eV or more, which a thermal ensemble never
+        visits. Returns the number passed over; raises :class:`InputError` after ``HOLD_RETRIES`` in a row."""
         from ..structures import write_structures
 
+        passed_over = 0
         for _ in range(int(count)):
-            self.run(interval_ps)
-            self.time_ps += interval_ps
+            for _ in range(HOLD_RETRIES + 1):
+                self.run(interval_ps)
+                self.time_ps += interval_ps
+                deviation = self.hold_deviation()
+                if deviation <= HOLD_TOLERANCE_A:
+                    break
+                passed_over += 1
+            else:
+                raise InputError(f"the held QM atoms stayed more than {HOLD_TOLERANCE_A} A from their hold points "
+                                 f"for {HOLD_RETRIES + 1} intervals (last {deviation:.2f} A at {self.time_ps:g} ps): "
+                                 "the solvent cannot take the held geometry; choose another window or bend")
             frame_info = dict(info, time_ps=round(self.time_ps, 4), charge_noise=charge_noise)
             if self.setup.ion_index is not None:
                 frame_info["ion_distance"] = round(self.ion_distance(), 4)
             write_structures(out, [self.frame(qm_noise_A, frame_info, charge_noise)], append=True, decimals=6)
             if bar is not None:
                 bar.update(1)
+                if passed_over:
+                    bar.set_postfix(passed_over=passed_over)
+        return passed_over
