@@ -151,3 +151,34 @@ def test_bend_refuses_bad_ranges_before_sampling(bend, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         script.main(["--out", str(tmp_path / "x.extxyz"), "--frames", "1", f"--bend={bend}"])
     assert not (tmp_path / "x.extxyz").exists()
+
+
+def test_a_change_of_window_moves_the_hold_over_ramp_ps_and_leaves_the_solute_held():
+    """A new window's hold points (the far chloride turned 60 degrees off the axis, the rest aligned onto the
+    solute as it is) put, reached in one jump, hundreds of kT into the held atoms, which still swing beyond
+    HOLD_TOLERANCE_A 0.2 ps later; reached over ``ramp_ps`` of MD, they leave every held atom within it, and the
+    clock counts the ramp (real OpenMM, TIP3P)."""
+    from qmmm_driver.mm import sampling
+    from qmmm_driver.mm.systems import build_setup
+
+    sn2 = load_example("examples/sn2/solute.py")
+    sampler = sampling.Sampler(build_setup(sn2.solute(-2.0), box_A=22.0, seed=3), temperature=300.0, dt_fs=1.0,
+                               seed=3, r_on_A=8.0, r_off_A=10.0)
+    sampler.hold_qm(sn2.geometry(-2.0))
+    sampler.minimize()
+    sampler.equilibrate(0.3)
+
+    def largest_deviation(intervals: int) -> float:
+        worst = 0.0
+        for _ in range(intervals):
+            sampler.run(0.01)
+            worst = max(worst, sampler.hold_deviation())
+        return worst
+
+    start, before = sampler.positions_A()[sampler.qm], sampler.time_ps
+    sampler.hold_qm(sn2.geometry(-2.0, 60.0, 90.0), ramp_ps=0.5)
+    assert sampler.time_ps == pytest.approx(before + 0.5)
+    assert np.linalg.norm(sampler.hold_points_A - start, axis=1).max() > 1.0  # the points travelled that far
+    assert largest_deviation(20) < sampling.HOLD_TOLERANCE_A
+    sampler.hold_qm(sn2.geometry(-2.0, 60.0, 270.0))  # the same change the other way, in one jump
+    assert largest_deviation(20) > sampling.HOLD_TOLERANCE_A

@@ -56,9 +56,9 @@ def window_starts(xis: np.ndarray, out: Path, equilibrate_ps: float, seed: int) 
     sampler.minimize()
     starts = []
     for k, xi0 in enumerate(xis):  # in order of xi, so that each window starts from its neighbour
-        sampler.hold_qm(sn2.geometry(float(xi0)))
         sampler.set_qm_charges(sn2.charges(float(xi0)))
-        sampler.run(equilibrate_ps)
+        sampler.hold_qm(sn2.geometry(float(xi0)), ramp_ps=equilibrate_ps / 2)  # the hold travels, then settles
+        sampler.equilibrate(equilibrate_ps / 2)
         starts.append(sampler.write_system(out / f"w{k:02d}")["extxyz"].resolve())
         print(f"window {k:2d}: xi0 = {xi0:+.2f} A equilibrated", flush=True)
     return starts

@@ -8,7 +8,9 @@ In each window the solute atoms are held (k = 50 000 kJ/mol/nm^2, about 0.07 A
 thermal spread per coordinate at 300 K) to the reference geometry at that xi
 (``solute.geometry``), with charges interpolated between reactant and product,
 while the solvent equilibrates around it (``--window-equilibrate`` ps per
-window). Every option of ``qmmm-driver sample`` applies (solvent, ion, charge
+window: in the first half the hold points travel from the last window's
+geometry to the new one, ``Sampler.hold_qm``; in the second the system
+equilibrates there). Every option of ``qmmm-driver sample`` applies (solvent, ion, charge
 noise, box, interval); ``--qm-noise`` defaults to 0 here (the windows spread
 the solute). ``--ion-end-on DEG`` keeps the ion on the far side of Cl1, on the
 C-Cl1 axis (a flat-bottom wall on the angle C-Cl1-ion below DEG): a cation
@@ -26,7 +28,8 @@ holds. Pair it with windows that keep that chloride 3.7-5 A from the carbon
 (``--windows=1.8:3.2:8``), where the beads bend; nearer, a large bend presses
 it onto a methyl hydrogen. A configuration in which a held atom strayed more
 than ``HOLD_TOLERANCE_A`` (0.35 A) from its hold point is passed over
-(``Sampler.sample``); the bent windows far from the carbon do that often.
+(``Sampler.sample``); the bent windows did that often while a change of
+window still moved the hold points in one jump.
 """
 
 from __future__ import annotations
@@ -147,10 +150,10 @@ def main(argv=None) -> int:
         rng = np.random.default_rng(args.seed)
         bends[:, 0], bends[:, 1] = rng.uniform(lo, hi, len(windows)), rng.uniform(0.0, 360.0, len(windows))
 
-    def window(sampler, k: int) -> None:
+    def window(sampler, k: int, ramp_ps: float = 0.0) -> None:
         xi0 = float(windows[k])
-        sampler.hold_qm(sn2.geometry(xi0, *bends[k]))
         sampler.set_qm_charges(sn2.charges(xi0))
+        sampler.hold_qm(sn2.geometry(xi0, *bends[k]), ramp_ps)
 
     def start(sampler) -> None:
         if args.ion_end_on is not None:  # solute atoms: C, H1-3, Cl1, Cl2
@@ -175,9 +178,9 @@ def main(argv=None) -> int:
     passed_over = 0
     with tqdm(total=args.frames, desc="sampling sn2", unit="frame") as bar:
         for k, (xi0, n) in enumerate(zip(windows, per_window)):
-            if k > 0:
-                window(sampler, k)
-                sampler.equilibrate(args.window_equilibrate)
+            if k > 0:  # the first half of the window's equilibration moves the hold to its geometry
+                window(sampler, k, ramp_ps=args.window_equilibrate / 2)
+                sampler.equilibrate(args.window_equilibrate / 2)
             extra = {"window_bend_deg": round(float(bends[k, 0]), 2)} if args.bend is not None else {}
             try:
                 passed_over += sampler.sample(args.out, n, args.interval, args.qm_noise, args.charge_noise,

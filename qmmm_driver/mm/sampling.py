@@ -34,6 +34,7 @@ from .systems import SOLVENTS, min_image_distances
 HOLD_K = 50000.0          # kJ/mol/nm^2: about 0.07 A thermal spread per coordinate at 300 K
 HOLD_TOLERANCE_A = 0.35   # a held QM atom farther from its hold point (5 spreads) is not held: no frame is taken
 HOLD_RETRIES = 40         # intervals a frame waits for the held atoms to come back before sampling gives up
+HOLD_RAMP_STAGES = 50     # steps in which hold points travel to a new geometry (Sampler.hold_qm with ramp_ps)
 DISTANCE_WALL_K = 1000.0  # kJ/mol/A^2: flat-bottom distance walls (ions, acceptors)
 
 
@@ -115,14 +116,32 @@ class Sampler:
         state = self.sim.context.getState(getPositions=True)
         return np.array(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)) * 10.0
 
-    def hold_qm(self, reference_A: np.ndarray) -> None:
+    def hold_qm(self, reference_A: np.ndarray, ramp_ps: float = 0.0) -> None:
         """Restrain the QM atoms (harmonic, k = 50 000 kJ/mol/nm^2) to ``reference_A``, aligned onto their
-        current positions (A)."""
-        self.hold_points_A = align(np.asarray(reference_A, dtype=float), self.positions_A()[self.qm])
-        for k, (a, p) in enumerate(zip(self.qm, self.hold_points_A / 10.0)):
+        current positions (A).
+
+        With ``ramp_ps`` > 0 the hold points travel there from the atoms' current positions in
+        ``HOLD_RAMP_STAGES`` equal steps over ``ramp_ps`` of MD (counted in ``time_ps``), so that the solvent
+        makes way and the thermostat takes up the restraint's work as it is done. A sudden change of window
+        does not: a jump of 1-2 A (a methyl group turned by the alignment) puts hundreds of kT into the held
+        atoms, which a friction of 1/ps removes only over picoseconds, and the hot atoms then stray from
+        their hold points (``hold_deviation``) when sampling starts."""
+        target = align(np.asarray(reference_A, dtype=float), self.positions_A()[self.qm])
+        if ramp_ps > 0.0:
+            start = self.positions_A()[self.qm]
+            self.sim.context.setParameter("khold", HOLD_K)
+            for stage in range(1, HOLD_RAMP_STAGES + 1):
+                self._set_hold_points(start + (target - start) * (stage / HOLD_RAMP_STAGES))
+                self.run(ramp_ps / HOLD_RAMP_STAGES)
+            self.time_ps += ramp_ps
+        self._set_hold_points(target)
+        self.sim.context.setParameter("khold", HOLD_K)
+
+    def _set_hold_points(self, points_A: np.ndarray) -> None:
+        self.hold_points_A = points_A
+        for k, (a, p) in enumerate(zip(self.qm, points_A / 10.0)):
             self.hold.setParticleParameters(k, a, list(p))
         self.hold.updateParametersInContext(self.sim.context)
-        self.sim.context.setParameter("khold", HOLD_K)
 
     def hold_deviation(self) -> float:
         """Largest distance (A, minimum image) of a held QM atom from its hold point; 0 when none is held."""
