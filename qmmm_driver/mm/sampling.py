@@ -126,16 +126,16 @@ class Sampler:
         does not: a jump of 1-2 A (a methyl group turned by the alignment) puts hundreds of kT into the held
         atoms, which a friction of 1/ps removes only over picoseconds, and the hot atoms then stray from
         their hold points (``hold_deviation``) when sampling starts."""
-        target = align(np.asarray(reference_A, dtype=float), self.positions_A()[self.qm])
-        if ramp_ps > 0.0:
-            start = self.positions_A()[self.qm]
-            self.sim.context.setParameter("khold", HOLD_K)
-            for stage in range(1, HOLD_RAMP_STAGES + 1):
-                self._set_hold_points(start + (target - start) * (stage / HOLD_RAMP_STAGES))
-                self.run(ramp_ps / HOLD_RAMP_STAGES)
-            self.time_ps += ramp_ps
-        self._set_hold_points(target)
+        current = self.positions_A()[self.qm]
+        target = align(np.asarray(reference_A, dtype=float), current)
         self.sim.context.setParameter("khold", HOLD_K)
+        if ramp_ps <= 0.0:
+            self._set_hold_points(target)
+            return
+        for stage in range(1, HOLD_RAMP_STAGES + 1):  # the last stage sets the target itself
+            self._set_hold_points(current + (target - current) * (stage / HOLD_RAMP_STAGES))
+            self.run(ramp_ps / HOLD_RAMP_STAGES)
+        self.time_ps += ramp_ps
 
     def _set_hold_points(self, points_A: np.ndarray) -> None:
         self.hold_points_A = points_A
