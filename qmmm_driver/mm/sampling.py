@@ -212,9 +212,10 @@ class Sampler:
         """Append ``count`` frames, ``interval_ps`` apart, to ``out`` (extended XYZ); ``bar`` is a tqdm bar.
 
         While the QM atoms are held (:meth:`hold_qm`), a configuration in which one of them is more than
-        ``HOLD_TOLERANCE_A`` from its hold point is passed over for the next interval's: the solvent has pushed
-        the solute out of the held geometry into one strained by an eV or more, which a thermal ensemble never
-        visits. Returns the number passed over; raises :class:`InputError` after ``HOLD_RETRIES`` in a row."""
+        ``HOLD_TOLERANCE_A`` from its hold point is passed over for the next interval's: an atom that far out
+        (five thermal spreads) is hot or pushed, and its frame would hold a solute strained by an eV or more,
+        which a thermal ensemble never visits. Returns the number passed over; raises :class:`InputError`
+        after ``HOLD_RETRIES`` in a row."""
         from ..structures import write_structures
 
         passed_over = 0
@@ -229,7 +230,8 @@ class Sampler:
             else:
                 raise InputError(f"the held QM atoms stayed more than {HOLD_TOLERANCE_A} A from their hold points "
                                  f"for {HOLD_RETRIES + 1} intervals (last {deviation:.2f} A at {self.time_ps:g} ps): "
-                                 "the solvent cannot take the held geometry; choose another window or bend")
+                                 "the solvent cannot take the held geometry, or the atoms are still hot from a "
+                                 "sudden change of hold (hold_qm ramp_ps); choose another window or bend")
             frame_info = dict(info, time_ps=round(self.time_ps, 4), charge_noise=charge_noise)
             if self.setup.ion_index is not None:
                 frame_info["ion_distance"] = round(self.ion_distance(), 4)
