@@ -3,12 +3,15 @@
     python examples/error_by_group.py qmmm_driver/models/sn2/model.pt examples/sn2/data/sn2_acetonitrile*.extxyz.xz
     python examples/error_by_group.py qmmm_driver/models/sn2/model.pt examples/sn2/data/sn2_end_on2.extxyz.xz --by ion
     python examples/error_by_group.py qmmm_driver/models/sn2/model.pt examples/sn2/data/sn2_pimd4.extxyz.xz --by far-c-cl
+    python examples/error_by_group.py qmmm_driver/models/water/model.pt examples/water/data/water_pimd4.extxyz.xz --by block
 
 ``--by seed`` (the default) groups by sampling trajectory: frames of one trajectory are correlated, so a mean
 signed error over one trajectory says less about a medium or an ion than the spread between trajectories does.
 ``--by far-c-cl`` groups SN2 frames by geometry instead: the longer of the two C-Cl distances of the QM region, in
 bins with edges ``--edges`` (Angstrom; the default 3.5, 4.13 and 4.5 A, where 4.13 A is as far as the classical
-training frames go). Prints one line per group and one for all frames (energy MAE and mean signed error in meV,
+training frames go). ``--by block`` cuts the frames, in the order given (file by file, each in file order), into
+``--blocks`` consecutive blocks: on the beads of one path-integral trajectory it shows whether a signed error is
+spread over the run or comes from a stretch of it. Prints one line per group and one for all frames (energy MAE and mean signed error in meV,
 QM-force MAE in meV/A).
 """
 
@@ -52,15 +55,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("data", nargs="+", help="labelled frames (extended XYZ)")
-    p.add_argument("--by", default="seed", help="the info key to group by (default: seed), or far-c-cl")
+    p.add_argument("--by", default="seed", help="the info key to group by (default: seed), far-c-cl or block")
     p.add_argument("--edges", default="3.5,4.13,4.5", help="bin edges for --by far-c-cl, Angstrom (default: %(default)s)")
+    p.add_argument("--blocks", type=int, default=6, help="consecutive blocks for --by block (default: %(default)s)")
     args = p.parse_args()
     edges = sorted(float(e) for e in args.edges.split(","))
     model = load(args.model)
     frames = [s for f in args.data for s in read_structures(f, require_labels=True)]
+    if args.by == "block" and not 1 <= args.blocks <= len(frames):
+        raise SystemExit(f"error_by_group: --blocks {args.blocks}: give 1 to {len(frames)} (the number of frames)")
     groups: dict[str, list] = {}
-    for s in frames:
-        key = bin_name(far_c_cl(s), edges) if args.by == "far-c-cl" else str(s.info.get(args.by, "-"))
+    for i, s in enumerate(frames):
+        if args.by == "far-c-cl":
+            key = bin_name(far_c_cl(s), edges)
+        elif args.by == "block":  # near-equal consecutive blocks, named so that names sort in order
+            key = f"{i * args.blocks // len(frames):0{len(str(args.blocks - 1))}d}"
+        else:
+            key = str(s.info.get(args.by, "-"))
         groups.setdefault(key, []).append(s)
     everything = Metrics()
     for name in sorted(groups):

@@ -51,3 +51,26 @@ def test_far_c_cl_refuses_a_qm_region_without_two_chlorides(monkeypatch):
                                       "--by", "far-c-cl"])
     with pytest.raises(SystemExit, match="one C and two Cl"):
         script.main()
+
+
+def test_blocks_are_consecutive_frames_in_the_order_given(monkeypatch, capsys):
+    from qmmm_driver.evaluator import load
+    from qmmm_driver.structures import read_structures
+    from qmmm_driver.training.metrics import evaluate_structures
+    from qmmm_driver.units import ANGSTROM_TO_BOHR
+
+    script = load_example("examples/error_by_group.py")
+    model = MODELS / "water" / "model.pt"
+    monkeypatch.setattr(sys, "argv", ["error_by_group.py", str(model), str(DATA), "--by", "block", "--blocks", "3"])
+    script.main()
+    rows = {m[0]: (int(m[1]), float(m[2]), float(m[3])) for m in
+            re.findall(r"^(block \d+|all)\s+n=\s*(\d+) E MAE\s+(\S+) MSE\s+(\S+)", capsys.readouterr().out, re.M)}
+    assert [rows[k][0] for k in ("block 0", "block 1", "block 2", "all")] == [34, 33, 33, 100]
+    # the middle block is frames 34..66 of the file, scored on their own
+    middle = evaluate_structures(load(model), read_structures(DATA, require_labels=True)[34:67],
+                                 6.0 * ANGSTROM_TO_BOHR)[0].summary()
+    assert rows["block 1"][1:] == (pytest.approx(middle["energy_mae_meV"], abs=0.006),
+                                   pytest.approx(middle["energy_mean_signed_meV"], abs=0.006))
+    monkeypatch.setattr(sys, "argv", ["error_by_group.py", str(model), str(DATA), "--by", "block", "--blocks", "0"])
+    with pytest.raises(SystemExit, match="--blocks 0: give 1 to 100"):
+        script.main()
