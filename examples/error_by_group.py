@@ -11,8 +11,8 @@ signed error over one trajectory says less about a medium or an ion than the spr
 bins with edges ``--edges`` (Angstrom; the default 3.5, 4.13 and 4.5 A, where 4.13 A is as far as the classical
 training frames go). ``--by block`` cuts the frames, in the order given (file by file, each in file order), into
 ``--blocks`` consecutive blocks: on the beads of one path-integral trajectory it shows whether a signed error is
-spread over the run or comes from a stretch of it. Prints one line per group and one for all frames (energy MAE and mean signed error in meV,
-QM-force MAE in meV/A).
+spread over the run or comes from a stretch of it. Prints one line per group and one for all frames (energy MAE
+and mean signed error in meV, QM-force MAE in meV/A).
 """
 
 import argparse
