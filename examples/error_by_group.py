@@ -3,13 +3,15 @@
     python examples/error_by_group.py qmmm_driver/models/sn2/model.pt examples/sn2/data/sn2_acetonitrile*.extxyz.xz
     python examples/error_by_group.py qmmm_driver/models/sn2/model.pt examples/sn2/data/sn2_end_on2.extxyz.xz --by ion
     python examples/error_by_group.py qmmm_driver/models/sn2/model.pt examples/sn2/data/sn2_pimd4.extxyz.xz --by far-c-cl
+    python examples/error_by_group.py qmmm_driver/models/sn2/model.pt examples/sn2/data/sn2_pimd13.extxyz.xz --by cl-c-cl
     python examples/error_by_group.py qmmm_driver/models/water/model.pt examples/water/data/water_pimd4.extxyz.xz --by block
 
 ``--by seed`` (the default) groups by sampling trajectory: frames of one trajectory are correlated, so a mean
 signed error over one trajectory says less about a medium or an ion than the spread between trajectories does.
 ``--by far-c-cl`` groups SN2 frames by geometry instead: the longer of the two C-Cl distances of the QM region, in
 bins with edges ``--edges`` (Angstrom; the default 3.5, 4.13 and 4.5 A, where 4.13 A is as far as the classical
-training frames go). ``--by block`` cuts the frames, in the order given (file by file, each in file order), into
+training frames go); ``--by cl-c-cl`` by the Cl-C-Cl angle (degrees; default edges 90 and 150): 180 on the
+collinear path, below 90 where a free chloride has gone round to the bound one's side. ``--by block`` cuts the frames, in the order given (file by file, each in file order), into
 ``--blocks`` consecutive blocks: on the beads of one path-integral trajectory it shows whether a signed error is
 spread over the run or comes from a stretch of it. Prints one line per group and one for all frames (energy MAE
 and mean signed error in meV, QM-force MAE in meV/A).
@@ -31,43 +33,62 @@ def line(name: str, metrics: Metrics) -> str:
             f"F {s['force_mae_meV_per_A']:6.2f}")
 
 
-def far_c_cl(structure) -> float:
-    """The longer C-Cl distance of an SN2 QM region (one C, two Cl), in Angstrom."""
+#: --by key: (what it measures, its unit, default bin edges)
+GEOMETRY = {"far-c-cl": ("the longer C-Cl distance", "A", "3.5,4.13,4.5"),
+            "cl-c-cl": ("the Cl-C-Cl angle", "deg", "90,150")}
+
+
+def carbon_to_chlorides(structure, key: str) -> np.ndarray:
+    """The two vectors from the carbon to the chlorides of an SN2 QM region (one C, two Cl), in Angstrom."""
     qm = structure.qm_indices
     numbers, positions = structure.numbers[qm], structure.positions[qm]
     if (numbers == 6).sum() != 1 or (numbers == 17).sum() != 2:
-        raise SystemExit(f"error_by_group: --by far-c-cl needs one C and two Cl in the QM region; frame "
+        raise SystemExit(f"error_by_group: --by {key} needs one C and two Cl in the QM region; frame "
                          f"{structure.info.get('source_index', '?')} has elements {sorted(set(numbers.tolist()))}")
-    carbon = positions[numbers == 6][0]
-    return float(np.linalg.norm(positions[numbers == 17] - carbon, axis=1).max()) / ANGSTROM_TO_BOHR
+    return (positions[numbers == 17] - positions[numbers == 6][0]) / ANGSTROM_TO_BOHR
 
 
-def bin_name(value: float, edges: list[float]) -> str:
+def far_c_cl(structure) -> float:
+    """The longer C-Cl distance of an SN2 QM region (one C, two Cl), in Angstrom."""
+    return float(np.linalg.norm(carbon_to_chlorides(structure, "far-c-cl"), axis=1).max())
+
+
+def cl_c_cl(structure) -> float:
+    """The Cl-C-Cl angle of an SN2 QM region, in degrees: 180 on the collinear path of the reaction, small where
+    the free chloride sits beside the bound one."""
+    a, b = carbon_to_chlorides(structure, "cl-c-cl")
+    cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+
+
+def bin_name(value: float, edges: list[float], unit: str = "A") -> str:
     """The bin of ``value`` between sorted ``edges``, named so that names sort in the bins' order."""
     below = [e for e in edges if e <= value]
     above = [e for e in edges if e > value]
     lower = f"{below[-1]:5.2f}" if below else "     "
     upper = f"{above[0]:5.2f}" if above else "     "
-    return f"{len(below)}: {lower}-{upper} A"
+    return f"{len(below)}: {lower}-{upper} {unit}"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("data", nargs="+", help="labelled frames (extended XYZ)")
-    p.add_argument("--by", default="seed", help="the info key to group by (default: seed), far-c-cl or block")
-    p.add_argument("--edges", default="3.5,4.13,4.5", help="bin edges for --by far-c-cl, Angstrom (default: %(default)s)")
+    p.add_argument("--by", default="seed", help="the info key to group by (default: seed), far-c-cl, cl-c-cl or block")
+    p.add_argument("--edges", default=None, help="bin edges for --by far-c-cl (Angstrom, default 3.5,4.13,4.5) or "
+                                                 "cl-c-cl (degrees, default 90,150)")
     p.add_argument("--blocks", type=int, default=6, help="consecutive blocks for --by block (default: %(default)s)")
     args = p.parse_args()
-    edges = sorted(float(e) for e in args.edges.split(","))
+    geometry = GEOMETRY.get(args.by)
+    edges = sorted(float(e) for e in (args.edges or (geometry[2] if geometry else "0")).split(","))
     model = load(args.model)
     frames = [s for f in args.data for s in read_structures(f, require_labels=True)]
     if args.by == "block" and not 1 <= args.blocks <= len(frames):
         raise SystemExit(f"error_by_group: --blocks {args.blocks}: give 1 to {len(frames)} (the number of frames)")
     groups: dict[str, list] = {}
     for i, s in enumerate(frames):
-        if args.by == "far-c-cl":
-            key = bin_name(far_c_cl(s), edges)
+        if geometry:
+            key = bin_name((far_c_cl if args.by == "far-c-cl" else cl_c_cl)(s), edges, geometry[1])
         elif args.by == "block":  # near-equal consecutive blocks, named so that names sort in order
             key = f"{i * args.blocks // len(frames):0{len(str(args.blocks - 1))}d}"
         else:

@@ -45,6 +45,25 @@ def test_far_c_cl_is_the_longer_carbon_chloride_distance_and_bins_sort_in_order(
     assert sorted(set(names)) == [names[1], names[3], names[2], names[0]]
 
 
+def test_cl_c_cl_is_the_angle_at_the_carbon():
+    import ase.io
+    from qmmm_driver.structures import read_structures
+
+    script = load_example("examples/error_by_group.py")
+    path = REPO / "examples" / "sn2" / "data" / "sn2_pimd13.extxyz.xz"
+    frames = read_structures(path, require_labels=True)
+    atoms = ase.io.read(path, index=":")
+    angles = []
+    for s, a in zip(frames, atoms):
+        qm = a.arrays["qm"] == 1
+        carbon = [i for i in range(len(a)) if qm[i] and a.numbers[i] == 6][0]
+        first, second = [i for i in range(len(a)) if qm[i] and a.numbers[i] == 17]
+        angles.append(a.get_angle(first, carbon, second))
+        assert script.cl_c_cl(s) == pytest.approx(angles[-1], abs=1e-6)
+    assert max(angles) > 150 and min(angles) < 90  # the trajectory where the free chloride went round
+    assert script.bin_name(120.0, [90.0, 150.0], "deg") == "1: 90.00-150.00 deg"
+
+
 def test_far_c_cl_refuses_a_qm_region_without_two_chlorides(monkeypatch):
     script = load_example("examples/error_by_group.py")
     monkeypatch.setattr(sys, "argv", ["error_by_group.py", str(MODELS / "water" / "model.pt"), str(DATA),

@@ -171,6 +171,55 @@ def test_forces_are_minus_gradient(env_order, width):
             assert fd_force(model, atoms, a, c) == pytest.approx(res.forces[0, a, c], rel=1e-5, abs=1e-8), (a, c)
 
 
+def separated_sn2(far: float, angle: float, seed: int = 3) -> Atoms:
+    """``sn2_cluster`` with the free chloride ``far`` A from the carbon, ``angle`` degrees from the C-Cl bond
+    (180: behind the carbon, where an SN2 attack comes from; small: beside the bound chlorine)."""
+    atoms = sn2_cluster(seed=seed)
+    t = np.radians(angle)
+    atoms.positions[5] = far * np.array([np.sin(t), 0.0, np.cos(t)])
+    return atoms
+
+
+@pytest.mark.parametrize("far,angle", [(6.2, 150.0), (6.8, 40.0), (9.0, 60.0), (12.0, 180.0)])
+def test_qm_electrostatics_is_the_coulomb_energy_of_the_predicted_charges(far, angle):
+    """The same weights with ``qm_electrostatics`` on and off differ by exactly the switched Coulomb energy of
+    the charges the model predicts (which the term leaves unchanged), computed here pair by pair."""
+    from qmmm_driver.nn.blocks import switch
+
+    off = tiny_model(elements=("H", "C", "O", "Cl")).double()
+    on = off.with_settings(qm_electrostatics=True)
+    atoms = separated_sn2(far, angle)
+    a, b = evaluate(off, atoms), evaluate(on, atoms)
+    q = b.qm_charges[0]
+    np.testing.assert_allclose(q, a.qm_charges[0], atol=1e-14)
+    x = atoms.positions[:6] * ANGSTROM_TO_BOHR
+    s = on.settings
+    coulomb = 0.0
+    for i in range(6):
+        for j in range(i + 1, 6):
+            r = float(np.linalg.norm(x[i] - x[j]))
+            weight = 1.0 - float(switch(torch.tensor(r, dtype=torch.float64), s.qq_switch_on, s.qq_switch_off))
+            coulomb += q[i] * q[j] * weight / r
+    assert abs(coulomb) > (1e-4 if far < 7.0 else 1e-3)  # the chloride reaches into the term: it is tested
+    assert b.energy[0] - a.energy[0] == pytest.approx(coulomb, rel=1e-10, abs=1e-14)
+
+
+def test_qm_electrostatics_forces_are_minus_gradient_inside_the_switch():
+    """Finite differences with the free chloride where the QM-QM Coulomb term is being switched on."""
+    model = tiny_model(elements=("H", "C", "O", "Cl"), qm_electrostatics=True).double()
+    atoms = separated_sn2(6.3, 70.0)
+    res = evaluate(model, atoms)
+    for a in range(6):
+        for c in range(3):
+            assert fd_force(model, atoms, a, c) == pytest.approx(res.forces[0, a, c], rel=1e-5, abs=1e-8), (a, c)
+
+
+def test_only_terms_without_weights_can_be_switched_on_a_trained_model():
+    model = tiny_model(elements=("H", "C", "O", "Cl"))
+    with pytest.raises(ValueError, match="only terms without weights"):
+        model.with_settings(polarizability=False)
+
+
 def test_cluster_forces_sum_to_zero_and_charges_to_total(model64):
     res = evaluate(model64, sn2_cluster())
     assert np.abs(res.forces[0].sum(axis=0)).max() < 1e-10

@@ -231,6 +231,12 @@ init = "start.pt"
     a = ModelEvaluator(start.double(), frame, dtype=torch.float64).compute(frame.positions)
     b = ModelEvaluator(deeper.double(), frame, dtype=torch.float64).compute(frame.positions)
     assert b.energy[0] == pytest.approx(a.energy[0], rel=1e-13) and np.allclose(b.forces, a.forces, atol=1e-12)
+    # a term without weights switched on: the file's weights, the setting the config's
+    (tmp_path / "cfg.toml").write_text(text.format(channels=4).replace("n_layers = 1", "n_layers = 1\nqm_electrostatics = true"))
+    switched = Trainer(load_config(tmp_path / "cfg.toml"), progress=False).model
+    assert switched.settings.qm_electrostatics and not start.settings.qm_electrostatics
+    for name, value in start.state_dict().items():
+        assert torch.equal(switched.state_dict()[name].double().cpu(), value.double()), name
 
 
 def test_keep_split_keeps_earlier_frames_where_they_were(tmp_path):

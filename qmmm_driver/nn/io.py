@@ -39,11 +39,6 @@ def weights_checksum(settings: dict, state_dict: dict[str, torch.Tensor]) -> str
     return digest.hexdigest()
 
 
-def model_checksum(model: QMMMModel) -> str:
-    """The checksum a file of ``model`` carries (identifies a model for its compiled form)."""
-    return weights_checksum(model.settings.to_dict(), model.state_dict())
-
-
 def save_model(model: QMMMModel, path: str | Path, metadata: dict | None = None) -> Path:
     """Write ``model`` (settings, statistics, weights, checksum) and JSON-like ``metadata`` atomically."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

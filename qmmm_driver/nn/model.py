@@ -18,7 +18,7 @@ from e3nn.nn import FullyConnectedNet
 
 from .blocks import InteractionBlock, RadialBasis, degree_index, switch
 from .multipoles import irregular_harmonics
-from .settings import PENETRATION_MAX_FACTOR, ModelSettings
+from .settings import PARAMETER_FREE, PENETRATION_MAX_FACTOR, ModelSettings
 
 
 def receiver_major_pairs(n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +119,19 @@ class QMMMModel(torch.nn.Module):
         deeper.metadata = dict(getattr(self, "metadata", {}))
         return deeper
 
+    def with_settings(self, **changes) -> "QMMMModel":
+        """This model with settings in :data:`~qmmm_driver.nn.settings.PARAMETER_FREE` changed: the same
+        weights, buffers and metadata, the terms those settings add or remove computed from them."""
+        other = sorted(set(changes) - set(PARAMETER_FREE))
+        if other:
+            raise ValueError(f"only terms without weights can be switched on a trained model ({list(PARAMETER_FREE)}),"
+                             f" not {other}")
+        changed = QMMMModel(dataclasses.replace(self.settings, **changes)).to(self.energy_scale.device,
+                                                                            self.energy_scale.dtype)
+        changed.load_state_dict(self.state_dict())
+        changed.metadata = dict(getattr(self, "metadata", {}))
+        return changed
+
     def _apply(self, fn, *args, **kwargs):
         # casts (model.float()) must not truncate the float64 reference energies
         shift = self._buffers["energy_shift"]
@@ -214,6 +227,9 @@ class QMMMModel(torch.nn.Module):
             atom_energy = atom_energy + charges * potential
             if self.K >= 1:
                 atom_energy = atom_energy + (atomic_dipoles * gradient).sum(-1)
+        if s.qm_electrostatics and n > 1:  # each ordered pair once: half of the pair energy on each atom
+            pair = charges[:, dst] * charges[:, src] * (1.0 - switch(r, s.qq_switch_on, s.qq_switch_off)) / r
+            atom_energy = atom_energy + 0.5 * pair.view(B, n, n - 1).sum(dim=2)
         if s.polarizability:
             alpha = torch.nn.functional.softplus(self.polarizability_head(scalars).view(B, n))
             atom_energy = atom_energy - 0.5 * alpha * self.polarizability_scale * (gradient ** 2).sum(-1)

@@ -12,8 +12,11 @@ PENETRATION_RANGE = 4.0
 #: The learned width of an element's cloud lies between 0 and this times ``penetration_width``.
 PENETRATION_MAX_FACTOR = 2.0
 
+#: Settings that add a term without weights: a model fine-tuned with one switched on starts from the same weights.
+PARAMETER_FREE = ("qm_electrostatics", "qq_switch_on", "qq_switch_off")
+
 #: Settings that configs give in Angstrom and the model keeps in Bohr.
-LENGTH_KEYS = ("cutoff", "lr_switch_on", "lr_switch_off", "mm_switch_on", "mm_switch_off", "short_range_cutoff",
+LENGTH_KEYS = ("cutoff", "lr_switch_on", "lr_switch_off", "qq_switch_on", "qq_switch_off", "mm_switch_on", "mm_switch_off", "short_range_cutoff",
                "penetration_width")
 
 
@@ -29,6 +32,12 @@ class ModelSettings:
       ``n_radial``/``radial_hidden``: Bessel basis size and radial MLP width.
     - ``long_range``: learned per-layer QM charges add their Taylor tensors at the
       other QM atoms, switched on between ``lr_switch_on`` and ``lr_switch_off``.
+    - ``qm_electrostatics``: add the Coulomb energy of the predicted QM charges with one another,
+      ``1/2 sum_(i != j) q_i q_j / r_ij``, switched on between ``qq_switch_on`` and ``qq_switch_off``
+      (beyond the message cutoff, where the learned part sees pairs only through the long-range
+      features): fragments of the QM region far apart (a free ion and a molecule) then interact
+      as charges do, whatever their orientation. Parameter-free, so a model trained without it
+      can be fine-tuned with it.
     - ``electrostatic_baseline``: add the energy of the predicted charges and atomic
       dipoles in the MM potential (the paper's "reference model").
     - ``gauge_invariant``: the features see the MM potential relative to its mean
@@ -62,6 +71,9 @@ class ModelSettings:
     long_range: bool = True
     lr_switch_on: float = 3.0 * ANGSTROM
     lr_switch_off: float = 5.0 * ANGSTROM
+    qm_electrostatics: bool = False
+    qq_switch_on: float = 5.5 * ANGSTROM
+    qq_switch_off: float = 7.0 * ANGSTROM
     electrostatic_baseline: bool = True
     gauge_invariant: bool = True
     short_range: bool = True
@@ -84,6 +96,8 @@ class ModelSettings:
             raise ValueError(f"n_layers must be >= 1, got {self.n_layers}")
         if not 0 < self.lr_switch_on < self.lr_switch_off:
             raise ValueError("long-range switch needs 0 < lr_switch_on < lr_switch_off")
+        if not 0 < self.qq_switch_on < self.qq_switch_off:
+            raise ValueError("QM-QM Coulomb switch needs 0 < qq_switch_on < qq_switch_off")
         if not 0 < self.mm_switch_on < self.mm_switch_off:
             raise ValueError("MM switch needs 0 < mm_switch_on < mm_switch_off")
         if not 0 < self.short_range_cutoff:

@@ -20,6 +20,7 @@ import torch
 from ..errors import InputError
 from ..nn import QMMMModel
 from ..nn.io import ModelFileError, load_model, save_model
+from ..nn.settings import PARAMETER_FREE
 from ..files import write_atomically
 from ..structures import read_structures
 from ..units import ANGSTROM_TO_BOHR, HARTREE
@@ -164,6 +165,14 @@ class Trainer:
                        f"{mine['n_layers']}: the new blocks go before the last with zero output weights, so "
                        f"training starts from exactly that model")
             differ = {}
+        switched = {k: a for k, (a, b) in differ.items() if k in PARAMETER_FREE}
+        if switched:
+            from tqdm import tqdm
+
+            model = model.with_settings(**switched)
+            tqdm.write(f"[training] init: {path} fine-tuned with {switched} (terms without weights: training "
+                       f"starts from the same weights)")
+            differ = {k: v for k, v in differ.items() if k not in switched}
         if differ:
             detail = "; ".join(f"{k}: config {a!r}, model {b!r}" for k, (a, b) in differ.items())
             raise InputError(f"[training] init: {path} was trained with other model settings ({detail}); give "
