@@ -11,10 +11,11 @@ signed error over one trajectory says less about a medium or an ion than the spr
 ``--by far-c-cl`` groups SN2 frames by geometry instead: the longer of the two C-Cl distances of the QM region, in
 bins with edges ``--edges`` (Angstrom; the default 3.5, 4.13 and 4.5 A, where 4.13 A is as far as the classical
 training frames go); ``--by cl-c-cl`` by the Cl-C-Cl angle (degrees; default edges 90 and 150): 180 on the
-collinear path, below 90 where a free chloride has gone round to the bound one's side. ``--by block`` cuts the frames, in the order given (file by file, each in file order), into
-``--blocks`` consecutive blocks: on the beads of one path-integral trajectory it shows whether a signed error is
-spread over the run or comes from a stretch of it. Prints one line per group and one for all frames (energy MAE
-and mean signed error in meV, QM-force MAE in meV/A).
+collinear path, below 90 where a free chloride has gone round to the bound one's side. ``--by block`` cuts the
+frames, in the order given (file by file, each in file order), into ``--blocks`` consecutive blocks: on the beads
+of one path-integral trajectory it shows whether a signed error is spread over the run or comes from a stretch of
+it. Prints one line per group and one for all frames (energy MAE and mean signed error in meV, QM-force MAE in
+meV/A).
 """
 
 import argparse

@@ -232,7 +232,8 @@ init = "start.pt"
     b = ModelEvaluator(deeper.double(), frame, dtype=torch.float64).compute(frame.positions)
     assert b.energy[0] == pytest.approx(a.energy[0], rel=1e-13) and np.allclose(b.forces, a.forces, atol=1e-12)
     # a term without weights switched on: the file's weights, the setting the config's
-    (tmp_path / "cfg.toml").write_text(text.format(channels=4).replace("n_layers = 1", "n_layers = 1\nqm_electrostatics = true"))
+    switched_on = text.format(channels=4).replace("n_layers = 1", "n_layers = 1\nqm_electrostatics = true")
+    (tmp_path / "cfg.toml").write_text(switched_on)
     switched = Trainer(load_config(tmp_path / "cfg.toml"), progress=False).model
     assert switched.settings.qm_electrostatics and not start.settings.qm_electrostatics
     for name, value in start.state_dict().items():

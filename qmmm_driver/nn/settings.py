@@ -16,8 +16,8 @@ PENETRATION_MAX_FACTOR = 2.0
 PARAMETER_FREE = ("qm_electrostatics", "qq_switch_on", "qq_switch_off")
 
 #: Settings that configs give in Angstrom and the model keeps in Bohr.
-LENGTH_KEYS = ("cutoff", "lr_switch_on", "lr_switch_off", "qq_switch_on", "qq_switch_off", "mm_switch_on", "mm_switch_off", "short_range_cutoff",
-               "penetration_width")
+LENGTH_KEYS = ("cutoff", "lr_switch_on", "lr_switch_off", "qq_switch_on", "qq_switch_off", "mm_switch_on",
+               "mm_switch_off", "short_range_cutoff", "penetration_width")
 
 
 @dataclass
