@@ -34,11 +34,6 @@ def line(name: str, metrics: Metrics) -> str:
             f"F {s['force_mae_meV_per_A']:6.2f}")
 
 
-#: --by key: (what it measures, its unit, default bin edges)
-GEOMETRY = {"far-c-cl": ("the longer C-Cl distance", "A", "3.5,4.13,4.5"),
-            "cl-c-cl": ("the Cl-C-Cl angle", "deg", "90,150")}
-
-
 def carbon_to_chlorides(structure, key: str) -> np.ndarray:
     """The two vectors from the carbon to the chlorides of an SN2 QM region (one C, two Cl), in Angstrom."""
     qm = structure.qm_indices
@@ -62,6 +57,10 @@ def cl_c_cl(structure) -> float:
     return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
 
+#: --by key: (the quantity of a frame, its unit, default bin edges)
+GEOMETRY = {"far-c-cl": (far_c_cl, "A", "3.5,4.13,4.5"), "cl-c-cl": (cl_c_cl, "deg", "90,150")}
+
+
 def bin_name(value: float, edges: list[float], unit: str = "A") -> str:
     """The bin of ``value`` between sorted ``edges``, named so that names sort in the bins' order."""
     below = [e for e in edges if e <= value]
@@ -81,7 +80,9 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=6, help="consecutive blocks for --by block (default: %(default)s)")
     args = p.parse_args()
     geometry = GEOMETRY.get(args.by)
-    edges = sorted(float(e) for e in (args.edges or (geometry[2] if geometry else "0")).split(","))
+    if geometry:
+        quantity, unit, default_edges = geometry
+        edges = sorted(float(e) for e in (args.edges or default_edges).split(","))
     model = load(args.model)
     frames = [s for f in args.data for s in read_structures(f, require_labels=True)]
     if args.by == "block" and not 1 <= args.blocks <= len(frames):
@@ -89,7 +90,7 @@ def main() -> None:
     groups: dict[str, list] = {}
     for i, s in enumerate(frames):
         if geometry:
-            key = bin_name((far_c_cl if args.by == "far-c-cl" else cl_c_cl)(s), edges, geometry[1])
+            key = bin_name(quantity(s), edges, unit)
         elif args.by == "block":  # near-equal consecutive blocks, named so that names sort in order
             key = f"{i * args.blocks // len(frames):0{len(str(args.blocks - 1))}d}"
         else:
